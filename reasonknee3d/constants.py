@@ -1,0 +1,40 @@
+"""Names and numbers shared by every part of the package (one place each)."""
+from __future__ import annotations
+
+# Loss masking value understood by torch.nn.CrossEntropyLoss and transformers.
+IGNORE_INDEX = -100
+
+# Array axes of a loaded volume: (S, H, W) = sagittal slice, row, column.
+AXIS_NAMES = ("slice", "row", "col")
+
+# Qwen2.5 special tokens the package relies on (they exist in every Qwen2.5-VL tokenizer).
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+VISION_PAD = "<|vision_pad|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+BOX_START = "<|box_start|>"
+BOX_END = "<|box_end|>"
+QWEN_SPECIAL_TOKENS = (
+    ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", BOX_START, BOX_END,
+    "<|quad_start|>", "<|quad_end|>", VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD,
+)
+
+# Placeholder the 3D processor expands into one token per projected volume feature.
+VOLUME_PAD = "<|volume_pad|>"
+
+# Coordinate tokens: COORD_TOKEN_FORMAT.format(bin) for bin in range(K).
+COORD_TOKEN_FORMAT = "<|coord_{}|>"
+
+# Text labels of the answer format (DESIGN.md).
+LOCATION_PREFIX = "Location:"
+DIAGNOSIS_PREFIX = "Final diagnosis:"
+
+# Severity key used for questions whose schema field key is null (BENCH.md).
+NULL_FIELD_KEY = "grade"
+
+# Version of the scoring spec implemented by reasonknee3d.evaluation.
+BENCH_VERSION = "1.0"
