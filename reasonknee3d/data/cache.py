@@ -1,0 +1,146 @@
+"""Preprocessed-volume cache: each release volume is preprocessed once and training reads only the cache.
+
+An entry is ``<volume_id>-<key>.npy`` (float16 ``(S, H, W)`` at ``cfg.input_shape``) plus ``.json``
+metadata (source, loaded shape, spacing, settings). The key hashes the settings that change the array
+(``PreprocessConfig.array_settings``), the resolved source path and the source's size and mtime, so
+changing either preprocessing or the file gives a new entry instead of a stale one. Both files are written
+atomically and the ``.json`` last, so an entry exists exactly when its ``.json`` does. Arrays are opened
+with ``np.load(mmap_mode="r")``: samples of one volume share one file and the OS page cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..io_utils import atomic_open, write_json
+from .io import VolumeError
+from .release import BatchResult, ReleaseError, ReleaseLoader, Skipped, volume_id_of, write_skipped
+from .transforms import PreprocessConfig, preprocess_volume
+
+# Bump when the preprocessing code changes the arrays it writes for the same settings.
+CACHE_VERSION = 1
+SKIPPED_FILE = "preprocess_skipped.jsonl"
+
+
+class CacheMiss(FileNotFoundError):
+    """The cache has no entry for a volume under the current settings."""
+
+
+class VolumeCache:
+    """Preprocessed arrays of one ``PreprocessConfig`` under ``cache_dir``."""
+
+    def __init__(self, cache_dir: str | Path, cfg: PreprocessConfig) -> None:
+        self.dir = Path(cache_dir)
+        self.cfg = cfg
+        self._meta: dict[Path, dict[str, Any]] = {}
+
+    def key(self, image_path: str | Path) -> str:
+        """Hash of the array settings and the source file's identity (resolved path, size, mtime)."""
+        src = Path(image_path).resolve()
+        try:
+            st = src.stat()
+        except OSError as e:
+            raise CacheMiss(f"{src}: source volume not found ({e.strerror}); the cache key needs its size and "
+                            f"mtime") from None
+        ident = {"version": CACHE_VERSION, "settings": self.cfg.array_settings(), "source": str(src),
+                 "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+    def paths(self, image_path: str | Path) -> tuple[Path, Path]:
+        """(array, metadata) file paths of a volume's entry."""
+        stem = f"{volume_id_of(image_path)}-{self.key(image_path)}"
+        return self.dir / f"{stem}.npy", self.dir / f"{stem}.json"
+
+    def has(self, image_path: str | Path) -> bool:
+        return self.paths(image_path)[1].is_file()
+
+    def put(self, image_path: str | Path) -> Path:
+        """Preprocess one volume and write its entry (array first, metadata last); returns the array path."""
+        arr_path, meta_path = self.paths(image_path)
+        arr, orig_shape = preprocess_volume(image_path, self.cfg)
+        with atomic_open(arr_path, "wb") as fh:
+            np.save(fh, arr.astype(np.float16))
+        try:
+            write_json(meta_path, {"source": str(Path(image_path).resolve()), "orig_shape": list(orig_shape),
+                                   "input_shape": list(arr.shape), "settings": self.cfg.array_settings(),
+                                   "version": CACHE_VERSION})
+        except BaseException:
+            arr_path.unlink(missing_ok=True)  # an array without metadata is not an entry
+            raise
+        return arr_path
+
+    def load(self, image_path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+        """Memory-mapped float16 ``(S, H, W)`` array and metadata; ``CacheMiss`` if not preprocessed."""
+        arr_path, meta_path = self.paths(image_path)
+        meta = self._meta.get(meta_path)
+        if meta is None:
+            if not meta_path.is_file():
+                raise CacheMiss(f"{image_path}: not in the cache {self.dir} for settings "
+                                f"{self.cfg.array_settings()}; run `reasonknee3d preprocess` first")
+            meta = self._meta[meta_path] = json.loads(meta_path.read_text(encoding="utf-8"))
+        return np.load(arr_path, mmap_mode="r"), meta
+
+
+def preprocess_release(root: str | Path, cfg: PreprocessConfig, splits: Iterable[str] = ("train", "val", "test"),
+                       cache_dir: str | Path | None = None) -> BatchResult:
+    """Fill the cache for every volume of ``splits`` (each once); bad volumes are skipped and listed in
+    ``<cache_dir>/preprocess_skipped.jsonl``. ``n_done`` counts entries written or already present."""
+    loader = ReleaseLoader(root)
+    cache = VolumeCache(cache_dir if cache_dir is not None else loader.root / "cache" / "volumes", cfg)
+    seen: set[Path] = set()
+    skipped: list[Skipped] = []
+    n_done = 0
+    for split in splits:
+        for vol in loader.volumes(split):
+            if vol.image_path in seen:
+                continue
+            seen.add(vol.image_path)
+            try:
+                if not cache.has(vol.image_path):
+                    cache.put(vol.image_path)
+                n_done += 1
+            except (VolumeError, ReleaseError, CacheMiss) as e:
+                skipped.append(Skipped(f"{split} {vol.volume_id}", str(e)))
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    return BatchResult(out=cache.dir, n_done=n_done, skipped=skipped,
+                       skipped_path=write_skipped(cache.dir / SKIPPED_FILE, skipped))
+
+
+
+def bench_cache(work_dir: str | Path, shape: tuple[int, int, int] = (160, 384, 384),
+                cfg: PreprocessConfig | None = None, repeats: int = 5) -> dict[str, Any]:
+    """Median seconds to get one model-input volume from the NIfTI (load + preprocess) and from the cache.
+
+    Writes one random int16 volume of ``shape`` (release spacing) under ``work_dir`` and times both paths
+    ``repeats`` times in this process; returns the medians and their ratio.
+    """
+    import time
+
+    import nibabel as nib
+
+    cfg = cfg or PreprocessConfig()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    path = work / "bench_00m_1_1_right.nii.gz"
+    spacing = np.array([112.0, 140.0, 140.0]) / np.asarray(shape)  # the release's physical field of view
+    nib.save(nib.Nifti1Image(rng.integers(0, 1000, shape, dtype=np.int16), np.diag([*spacing, 1.0])), str(path))
+    cache = VolumeCache(work / "cache", cfg)
+    cache.put(path)
+
+    def median_time(fn: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    nifti_s = median_time(lambda: preprocess_volume(path, cfg))
+    cache_s = median_time(lambda: np.array(cache.load(path)[0], dtype=np.float32))  # what the Dataset does
+    return {"shape": list(shape), "input_shape": list(cfg.input_shape), "repeats": repeats,
+            "nifti_load_preprocess_s": nifti_s, "cache_load_s": cache_s, "ratio": nifti_s / cache_s}
