@@ -1,0 +1,1 @@
+"""Training both model families: experiment config schema, stages, Trainer wiring, checkpoints, plots."""

@@ -1,0 +1,104 @@
+"""``reasonknee3d predict``: a trained model folder -> scorer-ready predictions JSONL, resumable.
+
+Works for either family (detected from the folder's config.json). Samples are generated in left-padded
+batches of similar prompt length with the KV cache; with ``constrained`` the model's box and severity
+logits processors make every answer parseable. Each finished sample is appended (``predictions_io``),
+so a killed run restarted with the same command skips what is done.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+from transformers.utils import ModelOutput
+
+from ..attention import select_attn_implementation
+from .predictions_io import PredictionWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictResult:
+    """What one ``predict`` call did."""
+
+    out: Path
+    n_split: int
+    """Samples of the split considered (after ``limit``)."""
+    n_skipped: int
+    """Already in ``out`` from an earlier run."""
+    n_written: int
+    seconds: float
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``; ModelOutputs and tuples keep their type."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, ModelOutput):  # e.g. the slice family's cached vision features
+        return type(obj)(**{k: _to_device(v, device) for k, v in obj.items()})
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+@torch.no_grad()
+def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
+            batch_size: int = 4, limit: Optional[int] = None, constrained: bool = True, max_new_tokens: int = 512,
+            attn_implementation: str = "auto", num_workers: int = 0) -> PredictResult:
+    """Generate an answer for each sample of ``split`` (the first ``limit`` ones) and append them to ``out``.
+
+    Rows are ``{"sample_id", "question_id", "output"}`` (the scorer's prediction format; ``output`` holds
+    boxes as voxel indices of each original volume).
+    """
+    from ..training.families import family_of_model_dir
+
+    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 0):
+        raise ValueError(f"batch_size {batch_size} and max_new_tokens {max_new_tokens} must be >= 1, limit >= 0 "
+                         f"(got {limit})")
+    start = time.perf_counter()
+    family = family_of_model_dir(model_dir)
+    model, processor = family.load(model_dir, select_attn_implementation(attn_implementation))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    tokenizer = processor.tokenizer
+    dataset, collate = family.predict_data(model, processor, data_dir, split)
+    samples = dataset.samples[:limit] if limit is not None else dataset.samples
+
+    with PredictionWriter(out) as writer:
+        todo = [i for i, s in enumerate(samples) if s.sample_id not in writer.done]
+        # Similar prompt lengths in one batch: left padding then wastes little.
+        todo.sort(key=lambda i: len(samples[i].prompt))
+        loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+        written = 0
+        bar = tqdm(total=len(todo), desc=f"predict {split}", unit="sample", dynamic_ncols=True)
+        for batch, infos in loader:
+            batch = _to_device(batch, device)
+            processors = None
+            if constrained:
+                from ..models.generation import constrained_logits_processors
+                processors = constrained_logits_processors(
+                    tokenizer, [info.question_id for info in infos], max_new_tokens,
+                    num_bins=family.num_bins(model), require_box=[info.has_box for info in infos])
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                       logits_processor=processors, pad_token_id=tokenizer.pad_token_id)
+            width = batch["input_ids"].shape[1]
+            texts = family.decode(model, processor, generated[:, width:].cpu(), [info.orig_shape for info in infos])
+            for info, text in zip(infos, texts):
+                written += writer.write({"sample_id": info.sample_id, "question_id": info.question_id,
+                                         "output": text})
+            bar.update(len(infos))
+        bar.close()
+    result = PredictResult(out=Path(out), n_split=len(samples), n_skipped=len(samples) - len(todo),
+                           n_written=written, seconds=time.perf_counter() - start)
+    logger.info("predict: %s", result)
+    return result

@@ -1,0 +1,427 @@
+"""ReasonKnee3D: a 3D ViT over the whole knee volume, a projector, and the Qwen2.5-VL language model.
+
+Volume features replace the ``<|volume_pad|>`` placeholder tokens (spliced by token-id mask, never by
+position) and carry 3-axis M-RoPE positions (depth, row, column) of their projected grid, so tokens on
+different sagittal slices get different positions. Text positions continue after the volume at
+``offset + max(D, H, W)`` as in Qwen2-VL. Generation keeps the KV cache: positions are computed once
+from the prompt and advanced by one per generated token on every axis.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+from ..constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
+from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig
+from .projector import PROJECTORS, build_projector
+from .volume_encoder import VolumeEncoder
+
+Grid = tuple[int, int, int]
+
+
+@dataclass
+class ReasonKnee3DModelOutputWithPast(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus ``rope_deltas`` (B, 1): M-RoPE position minus sequence index of the
+    text after the prompt (set when positions were computed from ``input_ids`` in this call)."""
+
+    rope_deltas: torch.LongTensor | None = None
+
+
+@dataclass
+class ReasonKnee3DCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``rope_deltas`` (see ``ReasonKnee3DModelOutputWithPast``)."""
+
+    rope_deltas: torch.LongTensor | None = None
+
+
+class ReasonKnee3DPreTrainedModel(PreTrainedModel):
+    config_class = ReasonKnee3DConfig
+    config: ReasonKnee3DConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "EncoderBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+
+class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
+    """Encoder + projector + Qwen2.5-VL text model; returns the language model's hidden states."""
+
+    def __init__(self, config: ReasonKnee3DConfig) -> None:
+        super().__init__(config)
+        self.encoder = VolumeEncoder._from_config(config.encoder_config)
+        self.projector = build_projector(config.projector_config, config.encoder_config.hidden_size,
+                                         config.text_config.hidden_size)
+        self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        # Set by a prefill without explicit positions; lets later cached steps continue the M-RoPE positions.
+        self.rope_deltas: torch.Tensor | None = None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, S, H, W)`` volumes -> ``(B, N, text_hidden)`` language-model embeddings in grid order."""
+        features, grid = self.encoder(volumes)
+        return self.projector(features, grid)
+
+    def get_rope_index(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
+                       grid: Grid) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """3-axis M-RoPE positions ``(3, B, L)`` (depth, row, col) and per-row deltas ``(B, 1)``.
+
+        Text tokens get the same index on all three axes. Each block of ``D*H*W`` volume tokens (grid order)
+        gets ``offset + (d, h, w)``; the text after it resumes at ``offset + max(D, H, W)``. Padding
+        (``attention_mask == 0``) gets position 0. ``delta = max position + 1 - number of real tokens`` turns
+        a plain sequence index into the M-RoPE position for every later text token.
+        """
+        if self.config.volume_token_id is None:
+            raise ValueError("config.volume_token_id is not set: build the model with from_qwen2_5_vl or "
+                             "`reasonknee3d init` so the tokenizer has <|volume_pad|>")
+        b, length = input_ids.shape
+        n_vis = grid[0] * grid[1] * grid[2]
+        dev = input_ids.device
+        vis = torch.stack(torch.meshgrid(*(torch.arange(g, device=dev) for g in grid), indexing="ij")).reshape(3, -1)
+        positions = torch.zeros(3, b, length, dtype=torch.long, device=dev)
+        deltas = []
+        for row in range(b):
+            valid = attention_mask[row].bool() if attention_mask is not None else torch.ones_like(input_ids[row],
+                                                                                                   dtype=torch.bool)
+            is_vol = (input_ids[row][valid] == self.config.volume_token_id).tolist()
+            parts, cur = [], 0
+            for volume_run, run in itertools.groupby(is_vol):
+                n = len(list(run))
+                if not volume_run:
+                    parts.append(torch.arange(cur, cur + n, device=dev).expand(3, -1))
+                    cur += n
+                    continue
+                if n % n_vis:
+                    raise ValueError(f"row {row} has a run of {n} {VOLUME_PAD} tokens; expected a multiple of "
+                                     f"{n_vis} (one volume = projected grid {tuple(grid)})")
+                for _ in range(n // n_vis):
+                    parts.append(vis + cur)
+                    cur += max(grid)
+            pos = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long, device=dev)
+            positions[:, row, valid] = pos
+            deltas.append((pos.max() + 1 if pos.numel() else 0) - len(is_vol))
+        return positions, torch.tensor(deltas, device=dev, dtype=torch.long).unsqueeze(1)
+
+    def _continued_positions(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                             past_length: int) -> torch.LongTensor:
+        """Positions ``(3, B, L)`` of tokens appended to a cached prefix, from the prefill's rope deltas."""
+        b, length = inputs_embeds.shape[:2]
+        if attention_mask is not None:
+            index = (attention_mask.long().cumsum(-1) - 1)[:, -length:]
+        else:
+            index = torch.arange(past_length, past_length + length, device=inputs_embeds.device).expand(b, -1)
+        return (index + self.rope_deltas.to(index.device)).unsqueeze(0).expand(3, -1, -1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> ReasonKnee3DModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        grid = self.config.visual_grid_for(None if volumes is None else volumes.shape[2:])
+        if volumes is not None:
+            if input_ids is None:
+                raise ValueError("volumes need input_ids: features are spliced at the <|volume_pad|> token ids")
+            features = self.get_volume_features(volumes)  # (B, N, C)
+            mask = input_ids == self.config.volume_token_id  # (B, L)
+            n_tokens, n_features = int(mask.sum()), features.shape[0] * features.shape[1]
+            if n_tokens != n_features:
+                raise ValueError(f"volume placeholder/feature count mismatch: the input has {n_tokens} "
+                                 f"{VOLUME_PAD} tokens but {features.shape[0]} volume(s) gave {n_features} "
+                                 f"features ({features.shape[1]} each)")
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds),
+                                                         features.to(inputs_embeds.dtype))
+        rope_deltas = None
+        if position_ids is None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if input_ids is not None and past_length == 0:
+                position_ids, rope_deltas = self.get_rope_index(input_ids, attention_mask, grid)
+                self.rope_deltas = rope_deltas
+            elif self.rope_deltas is not None:
+                position_ids = self._continued_positions(inputs_embeds, attention_mask, past_length)
+        outputs = self.language_model(input_ids=None, attention_mask=attention_mask, position_ids=position_ids,
+                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                      use_cache=use_cache, **kwargs)
+        return ReasonKnee3DModelOutputWithPast(last_hidden_state=outputs.last_hidden_state,
+                                               past_key_values=outputs.past_key_values,
+                                               hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                               rope_deltas=rope_deltas)
+
+
+class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, GenerationMixin):
+    """ReasonKnee3DModel + LM head; ``generate`` keeps the KV cache and the M-RoPE positions."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: ReasonKnee3DConfig) -> None:
+        super().__init__(config)
+        self.model = ReasonKnee3DModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> ReasonKnee3DCausalLMOutputWithPast:
+        """``volumes``: ``(B, 1, S, H, W)`` float, one per sample, in the order of their placeholder blocks.
+
+        ``labels`` use ``IGNORE_INDEX`` for positions without loss and are shifted inside the loss.
+        """
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, volumes=volumes,
+                             position_ids=position_ids, past_key_values=past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+        return ReasonKnee3DCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                                  hidden_states=outputs.hidden_states,
+                                                  attentions=outputs.attentions, rope_deltas=outputs.rope_deltas)
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor,
+                                             model_kwargs: dict[str, Any]) -> torch.Tensor:
+        # generate() calls this once with the whole prompt; each step then appends last + 1 on every axis,
+        # which is exactly the M-RoPE continuation, with or without a KV cache.
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64) or input_ids.shape[1] == 0:
+            return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        volumes = model_kwargs.get("volumes")
+        grid = self.config.visual_grid_for(None if volumes is None else volumes.shape[2:])
+        positions, self.model.rope_deltas = self.model.get_rope_index(input_ids, model_kwargs.get("attention_mask"),
+                                                                      grid)
+        return positions
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Cache | None = None,
+                                      volumes: torch.Tensor | None = None, is_first_iteration: bool = False,
+                                      **kwargs: Any) -> dict[str, Any]:
+        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
+                                                             is_first_iteration=is_first_iteration, **kwargs)
+        # With a cache only the prefill sees the placeholders; later steps feed one new token each.
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["volumes"] = volumes
+        return model_inputs
+
+    # --- building from a Qwen2.5-VL checkpoint ------------------------------------------------------
+
+    @classmethod
+    def from_qwen2_5_vl(
+        cls,
+        path: str | Path,
+        encoder_config: VolumeEncoderConfig | dict | None = None,
+        projector_config: ProjectorConfig | dict | None = None,
+        num_bins: int = 64,
+        attn_implementation: str = "auto",
+        dtype: torch.dtype | str | None = None,
+    ) -> tuple["ReasonKnee3DForConditionalGeneration", Any]:
+        """A fresh 3D model around the language model of a local Qwen2.5-VL checkpoint directory.
+
+        Reads the checkpoint's text config and tokenizer, adds ``<|volume_pad|>`` and the ``num_bins``
+        coordinate tokens, builds encoder and projector from their configs, copies the language model and
+        LM head weights from the safetensors files (the vision tower's tensors are never read), and
+        initializes the new embedding rows. Returns ``(model, processor)``.
+        """
+        from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig
+
+        from ..attention import select_attn_implementation
+        from .processing_reasonknee3d import ReasonKnee3DProcessor
+        from .tokens import add_box_tokens, init_new_embeddings
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Qwen2.5-VL checkpoint directory: no config.json")
+        qwen_config = Qwen2_5_VLConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        old_vocab = len(tokenizer)
+        coord_ids = add_box_tokens(tokenizer, num_bins, extra=(VOLUME_PAD,))[:num_bins]
+        token_id = tokenizer.convert_tokens_to_ids
+        text_config = qwen_config.text_config.to_dict()
+        # Qwen's embedding has spare rows past its tokenizer; grow it (to a multiple of 64) only if needed.
+        text_config["vocab_size"] = max(text_config["vocab_size"], -(-len(tokenizer) // 64) * 64)
+        config = ReasonKnee3DConfig(
+            encoder_config=encoder_config, projector_config=projector_config,
+            text_config=text_config, num_bins=num_bins, coord_token_ids=coord_ids,
+            volume_token_id=token_id(VOLUME_PAD), vision_start_token_id=token_id(VISION_START),
+            vision_end_token_id=token_id(VISION_END), box_start_token_id=token_id(BOX_START),
+            box_end_token_id=token_id(BOX_END), tie_word_embeddings=qwen_config.tie_word_embeddings)
+        model = cls._from_config(config, attn_implementation=select_attn_implementation(attn_implementation),
+                                 dtype=dtype)
+        _load_language_model(model, path)
+        init_new_embeddings(model.get_input_embeddings(), model.get_output_embeddings(),
+                            list(range(old_vocab, len(tokenizer))), tokenizer)
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        processor = ReasonKnee3DProcessor(tokenizer=tokenizer, volume_size=list(config.encoder_config.input_size),
+                                          num_visual_tokens=config.num_visual_tokens, num_bins=num_bins)
+        return model, processor
+
+
+# Qwen2.5-VL checkpoints name the text model "model.language_model.*" (transformers 5 layout) or
+# "model.*" (the layout of the published Qwen weights); the vision tower is "[model.]visual.*".
+_LM_KEY = re.compile(r"^model\.(?:language_model\.)?(?!visual\.)(.+)$")
+
+
+def _load_language_model(model: ReasonKnee3DForConditionalGeneration, path: Path) -> None:
+    """Copy text-model and LM-head tensors from ``path``'s safetensors into ``model``; checks completeness."""
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    lm = model.model.language_model.state_dict()
+    loaded: set[str] = set()
+    head = None
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                if key == "lm_head.weight":
+                    head = f.get_tensor(key)
+                    continue
+                m = _LM_KEY.match(key)
+                if m is None or m.group(1) not in lm:
+                    continue
+                src, dst = f.get_tensor(key), lm[m.group(1)]
+                if src.shape[1:] != dst.shape[1:] or src.shape[0] > dst.shape[0]:
+                    raise ValueError(f"{path / name}: tensor {key} has shape {tuple(src.shape)}; the language model "
+                                     f"built from its config.json expects {tuple(dst.shape)}")
+                # Slicing the first axis lets a larger new embedding matrix keep its extra rows' init.
+                dst[: src.shape[0]].copy_(src)
+                loaded.add(m.group(1))
+    missing = sorted(set(lm) - loaded)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks language-model tensors {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}; is it a Qwen2.5-VL checkpoint?")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    elif head is None:
+        raise ValueError(f"{path}: no lm_head.weight and tie_word_embeddings is false")
+    else:
+        model.lm_head.weight.data[: head.shape[0]].copy_(head.to(model.lm_head.weight.dtype))
+
+
+MODEL_SECTION_KEYS = ("language_model", "encoder", "projector", "num_bins", "attn_implementation", "dtype")
+
+
+def validate_model_section(model: dict[str, Any], input_shape: Sequence[int]) -> dict[str, Any]:
+    """Check an experiment's ``model:`` mapping (family ``3d``) without building anything.
+
+    Returns the keyword arguments of ``from_qwen2_5_vl`` (``encoder_config`` gets ``input_size`` =
+    ``input_shape``, i.e. ``data.input_shape``). Raises ValueError naming the offending key.
+    """
+    unknown = sorted(set(model) - set(MODEL_SECTION_KEYS))
+    if unknown:
+        raise ValueError(f"model.{unknown[0]}: unknown key for family 3d; expected some of {list(MODEL_SECTION_KEYS)}")
+    lm = model.get("language_model")
+    if not isinstance(lm, dict) or len(lm) != 1 or next(iter(lm)) not in ("path", "tiny"):
+        raise ValueError(f"model.language_model must be {{path: DIR}} or {{tiny: {{sizes}}}}, got {lm!r}")
+    encoder = dict(model.get("encoder") or {})
+    if "input_size" in encoder and list(encoder["input_size"]) != list(input_shape):
+        raise ValueError(f"model.encoder.input_size {encoder['input_size']} differs from data.input_shape "
+                         f"{list(input_shape)}; set only data.input_shape")
+    encoder["input_size"] = [int(v) for v in input_shape]
+    projector = dict(model.get("projector") or {})
+    # Building the sub-configs runs their validation (divisibility, registry names) now.
+    encoder_cfg, projector_cfg = VolumeEncoderConfig(**encoder), ProjectorConfig(**projector)
+    PROJECTORS[projector_cfg.projector_type].output_grid(encoder_cfg.grid_size, projector_cfg)
+    return dict(encoder_config=encoder, projector_config=projector, num_bins=int(model.get("num_bins", 64)),
+                attn_implementation=model.get("attn_implementation", "auto"), dtype=model.get("dtype"))
+
+
+def build_reasonknee3d(model: dict[str, Any], data: Any) -> tuple[ReasonKnee3DForConditionalGeneration, Any]:
+    """Fresh ``(model, processor)`` from an experiment's ``model:`` and ``data:`` sections (family ``3d``).
+
+    ``model.language_model`` is ``{path: DIR}`` (a local Qwen2.5-VL checkpoint) or ``{tiny: {sizes}}``
+    (a tiny Qwen2.5-VL-format checkpoint is built first, deterministically from its seed, and wrapped the
+    same way). ``data`` (mapping or ``PreprocessConfig``) fixes the input size and the preprocessing
+    settings stored in the processor.
+    """
+    from ..data.transforms import PreprocessConfig
+    from .tiny_qwen import build_tiny_qwen2_5_vl
+
+    prep = data if isinstance(data, PreprocessConfig) else PreprocessConfig.from_dict(data or {}, where="data")
+    kwargs = validate_model_section(model, prep.input_shape)
+    lm = model["language_model"]
+    with tempfile.TemporaryDirectory(prefix="tiny-qwen-") as tmp:
+        lm_path = Path(lm["path"]) if "path" in lm else build_tiny_qwen2_5_vl(Path(tmp) / "lm", **(lm["tiny"] or {}))
+        rk_model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(lm_path, **kwargs)
+    processor.preprocess = {k: v for k, v in prep.array_settings().items() if k != "input_shape"}
+    return rk_model, processor
+
+
+def init_reasonknee3d(experiment: dict[str, Any], out_dir: str | Path) -> Path:
+    """``reasonknee3d init`` for family ``3d``: write an untrained model + processor directory."""
+    model, processor = build_reasonknee3d(experiment.get("model") or {}, experiment.get("data") or {})
+    return save_model_dir(model, processor, out_dir)
+
+
+def save_model_dir(model: PreTrainedModel, processor: Any, out_dir: str | Path) -> Path:
+    """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,250 @@
+"""A tiny, random-init Qwen2.5-VL checkpoint directory that loads exactly like the real 3B one.
+
+No weights can be downloaded in tests or CI, yet every code path should run ``from_pretrained`` on a
+Qwen2.5-VL directory. ``build_tiny_qwen2_5_vl`` writes such a directory with ``save_pretrained``:
+``Qwen2_5_VLForConditionalGeneration`` (random init, tiny sizes), a byte-level BPE tokenizer trained on a
+small corpus of the package's own prompts/answers (with all Qwen special tokens and Qwen's chat template)
+and a ``Qwen2_5_VLProcessor``. ``AutoProcessor`` / ``AutoTokenizer`` /
+``Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir)`` then behave as on the real checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..answer import diagnosis_json
+from ..boxes import box_to_text
+from ..constants import (ENDOFTEXT, IM_END, IMAGE_PAD, LOCATION_PREFIX, QWEN_SPECIAL_TOKENS, VIDEO_PAD,
+                         VISION_END, VISION_START)
+from ..schema import load_schema
+
+# Qwen2-VL / Qwen2.5-VL chat template as shipped in the official checkpoints (tokenizer_config.json).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyQwenSizes:
+    """Sizes of the tiny checkpoint (the real Qwen2.5-VL-3B values are in brackets)."""
+
+    hidden_size: int = 64
+    """Text hidden size [2048]."""
+    intermediate_size: int = 128
+    """Text MLP size [11008]."""
+    num_hidden_layers: int = 2
+    """Text decoder layers [36]."""
+    num_attention_heads: int = 4
+    """Text attention heads [16]; head_dim = hidden_size / heads."""
+    num_key_value_heads: int = 2
+    """Text key/value heads (GQA) [2]."""
+    max_position_embeddings: int = 8192
+    """Longest sequence the rotary tables are sized for [128000]."""
+    vision_hidden_size: int = 32
+    """Vision tower width [1280]."""
+    vision_intermediate_size: int = 64
+    """Vision MLP size [3420]."""
+    vision_depth: int = 2
+    """Vision blocks [32]."""
+    vision_num_heads: int = 2
+    """Vision attention heads [16]."""
+    patch_size: int = 14
+    """Vision patch size in pixels [14]."""
+    spatial_merge_size: int = 2
+    """Patches merged per side into one LLM token [2]."""
+    temporal_patch_size: int = 2
+    """Frames per temporal patch [2]."""
+    tokens_per_second: int = 2
+    """Video temporal position step [2]."""
+    bpe_vocab_size: int = 1024
+    """Byte-level BPE vocabulary learned from the corpus (before special tokens) [151643]."""
+    seed: int = 0
+    """Seed of the random weights."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"tiny Qwen: hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"tiny Qwen: head_dim {self.hidden_size // self.num_attention_heads} must be even "
+                             "for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"tiny Qwen: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.vision_hidden_size % self.vision_num_heads:
+            raise ValueError(f"tiny Qwen: vision_hidden_size {self.vision_hidden_size} is not divisible by "
+                             f"vision_num_heads {self.vision_num_heads}")
+
+    @classmethod
+    def from_dict(cls, sizes: dict) -> "TinyQwenSizes":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(sizes) - known)
+        if unknown:
+            raise ValueError(f"unknown tiny Qwen size(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**sizes)
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (temporal, height, width) in Qwen's 1:1.5:1.5 ratio.
+
+    Qwen2.5-VL uses [16, 24, 24] for head_dim 128; the three values must sum to head_dim / 2.
+    """
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def default_corpus() -> list[str]:
+    """Texts the tiny BPE is trained on: every question prompt, reasoning step and answer shape.
+
+    Uses ``reasonknee3d.prompts`` (the wording of the synthetic release and the zero-shot runners) plus
+    answer-shaped lines with boxes and JSON, so the tiny tokenizer splits the package's text like a real
+    BPE splits ordinary text: a few characters per token.
+    """
+    from .. import prompts
+
+    texts: list[str] = []
+    for spec in load_schema().values():
+        texts += [prompts.question_prompt(spec, style) for style in prompts.PROMPT_STYLES]
+        for f in spec.fields:
+            for g in f.grades:
+                severity = {**{x.key: x.grades[0] for x in spec.fields}, f.key: g}
+                texts += prompts.reasoning_steps(spec, severity)
+                texts.append(diagnosis_json(spec, severity))
+    for i in range(64):
+        box = [i, i + 3, 2 * i, 2 * i + 40, 3 * i + 1, 3 * i + 70]
+        texts.append(f"{LOCATION_PREFIX} {box_to_text(box)}")
+        texts.append(f'{{"box": {box}, "MOAKS_scores": {{"grade": {i % 4}}}}}')
+    texts.append("0123456789 [](){}<>,.:;\"'-_+*/%=?! You are a helpful assistant. system user assistant")
+    return texts
+
+
+def _train_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """Byte-level BPE (like Qwen's) wrapped as a transformers fast tokenizer with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    # Special tokens after the learned vocabulary, as in the real Qwen tokenizer (ids 151643+).
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                   bos_token=None, unk_token=None, model_max_length=32768)
+    fast.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)
+    fast.chat_template = QWEN_VL_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, corpus: Optional[Iterable[str]] = None,
+                          **sizes: int) -> Path:
+    """Write a random-init tiny Qwen2.5-VL checkpoint (model, tokenizer, processor) to ``out_dir``.
+
+    ``corpus`` replaces nothing: its texts are added to ``default_corpus()``. ``sizes`` override
+    ``TinyQwenSizes`` fields. The directory is written in a temporary sibling and renamed into place, so a
+    reader never sees a half-built checkpoint; an existing ``out_dir`` is replaced.
+    """
+    import torch
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    s = TinyQwenSizes.from_dict(sizes)
+    texts = default_corpus() + list(corpus or [])
+    tokenizer = _train_tokenizer(texts, s.bpe_vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END,
+                                                           ENDOFTEXT, IM_END)}
+    head_dim = s.hidden_size // s.num_attention_heads
+    # Like the real checkpoint, the embedding has spare rows beyond the tokenizer (151936 > 151665), so
+    # added tokens first use free rows and resizing is only needed past them.
+    vocab_rows = -(-(len(tokenizer) + 1) // 64) * 64
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_rows, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+            num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+            num_key_value_heads=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": mrope_section(head_dim)},
+            bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
+            tie_word_embeddings=True),
+        vision_config=dict(
+            depth=s.vision_depth, hidden_size=s.vision_hidden_size, intermediate_size=s.vision_intermediate_size,
+            num_heads=s.vision_num_heads, patch_size=s.patch_size, spatial_merge_size=s.spatial_merge_size,
+            temporal_patch_size=s.temporal_patch_size, tokens_per_second=s.tokens_per_second,
+            window_size=s.patch_size * s.spatial_merge_size * 4, out_hidden_size=s.hidden_size,
+            fullatt_block_indexes=[s.vision_depth - 1]),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=True)
+    torch.manual_seed(s.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
+    model.generation_config.pad_token_id = ids[ENDOFTEXT]
+
+    pixel_kwargs = dict(patch_size=s.patch_size, merge_size=s.spatial_merge_size,
+                        temporal_patch_size=s.temporal_patch_size)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixel_kwargs),
+                                    video_processor=Qwen2VLVideoProcessor(**pixel_kwargs),
+                                    tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def default_tiny_qwen_dir(root: Optional[str | os.PathLike] = None, build: bool = True, **sizes: int) -> Path:
+    """``<root or CWD>/checkpoints/tiny-qwen2.5-vl``, built on first use and reused afterwards.
+
+    Non-default ``sizes`` get their own folder (``tiny-qwen2.5-vl-<hash of the sizes>``), so configs with
+    different tiny sizes never share, or overwrite, each other's checkpoint.
+    """
+    defaults = TinyQwenSizes()
+    TinyQwenSizes.from_dict(sizes)  # reject unknown keys before naming a folder after them
+    # Sizes spelled out at their default values share the default folder.
+    changed = {k: v for k, v in sizes.items() if getattr(defaults, k) != v}
+    name = "tiny-qwen2.5-vl"
+    if changed:
+        name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(root if root is not None else Path.cwd()) / "checkpoints" / name
+    if build and not (path / "config.json").is_file():
+        tmp = build_tiny_qwen2_5_vl(path.parent / f".{name}.{os.getpid()}.build", **changed)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # Another process (e.g. a second torchrun rank) finished first; the build is deterministic.
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

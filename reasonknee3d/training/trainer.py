@@ -1,0 +1,224 @@
+"""One trainer for both model families: transformers.Trainer configured from an ExperimentConfig.
+
+Trainer provides the schedule, gradient accumulation, mixed precision, activation checkpointing,
+logging integrations, checkpoint rotation, resume and DDP/FSDP/DeepSpeed (through accelerate). This
+module adds only what the project needs on top:
+
+- throughput and data-wait numbers in every log record (``get_batch_samples`` is where Trainer pulls
+  batches from the loader, so timing it measures exactly how long the model waited for data);
+- length-grouped batches from lengths the family computes cheaply (no volume is loaded for it);
+- checkpoints that ``from_pretrained`` loads (see ``checkpoints``), each with the resolved experiment;
+- ``run_training``: config -> family parts -> trainable setup -> Trainer -> final / merged model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from peft import PeftModel
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from ..attention import select_attn_implementation
+from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
+from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
+from .config import ExperimentConfig, TrainConfig, save_experiment_config
+from .stages import describe_trainable, setup_trainable
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT_FILE = "experiment.yaml"
+
+
+def use_bf16(setting: Any) -> bool:
+    """``train.bf16`` -> whether to autocast in bf16: ``auto`` means on a CUDA device that supports it."""
+    if setting == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(setting)
+
+
+def build_training_arguments(train: TrainConfig, output_dir: str | Path) -> TrainingArguments:
+    """TrainingArguments for ``train`` (one place that maps our schema onto transformers')."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_steps=train.max_steps,
+        num_train_epochs=train.num_epochs,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        bf16=use_bf16(train.bf16),
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=train.activation_checkpointing,
+        # Non-reentrant checkpointing works with frozen embeddings (no enable_input_require_grads hack).
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.activation_checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        report_to=list(train.report_to),
+        dataloader_num_workers=train.dataloader_num_workers,
+        dataloader_persistent_workers=train.dataloader_num_workers > 0,
+        # Items carry prompt/answer text and metadata the family collator turns into model inputs.
+        remove_unused_columns=False,
+        # Under torchrun without CUDA, DDP runs over gloo; single processes need no backend at all.
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        # Frozen modules get no gradient; DDP must not wait for them.
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+class ReasonKneeTrainer(Trainer):
+    """transformers.Trainer with data-wait timing, precomputed length grouping and loadable checkpoints."""
+
+    def __init__(self, *args: Any, experiment: ExperimentConfig, train_lengths: Optional[Sequence[int]] = None,
+                 base_model_dir: Optional[Path] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.experiment = experiment
+        self.train_lengths = list(train_lengths) if train_lengths is not None else None
+        self.base_model_dir = base_model_dir
+        self.meter = ThroughputMeter(world_size=max(1, self.args.world_size))
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.train_lengths is not None:
+            # Trainer's own group_by_length would load every item to measure it; the family knows lengths.
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=self.train_lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        start = time.perf_counter()
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        wait = time.perf_counter() - start
+        self.meter.record(wait, sum(_batch_size(b) for b in batches))
+        return batches, num_items
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs:
+            logs.update(self.meter.interval())
+        super().log(logs, start_time)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self.meter.interval()  # start the first window at the start of training, not at construction
+        return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not self.args.should_save:
+            return
+        out = Path(output_dir or self.args.output_dir)
+        save_experiment_config(self.experiment, out / EXPERIMENT_FILE)
+        if isinstance(self.model, PeftModel) and self.base_model_dir is not None:
+            link_base_files(self.base_model_dir, out)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        model = model if model is not None else self.model
+        if isinstance(model, PeftModel):
+            # Our LoRA checkpoints also hold the base weights (for from_pretrained); Trainer would load
+            # those into the peft wrapper and skip the adapter, so load the adapter, which holds
+            # everything that trains.
+            model.load_adapter(resume_from_checkpoint, model.active_adapter, is_trainable=True)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _batch_size(batch: Any) -> int:
+    """Number of samples in a collated batch (first tensor's leading dimension)."""
+    if isinstance(batch, dict):
+        for key in ("input_ids", "labels"):
+            if torch.is_tensor(batch.get(key)):
+                return int(batch[key].shape[0])
+        for value in batch.values():
+            if torch.is_tensor(value):
+                return int(value.shape[0])
+    return 0
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its outputs and how far it got."""
+
+    output_dir: Path
+    final_dir: Path
+    merged_dir: Optional[Path]
+    global_step: int
+    resumed_from: Optional[str]
+    metrics: dict[str, float]
+    model: Any
+    """The trained model (a PeftModel when LoRA was used), for in-process use after training."""
+
+
+def run_training(exp: ExperimentConfig, family: Any = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Train ``exp`` end to end; resumes from the last checkpoint when ``train.resume`` is auto.
+
+    ``family`` overrides the family named by ``exp.family`` (tests pass a toy one); ``callbacks`` are added
+    to the Trainer's own.
+    """
+    from .families import get_family
+
+    family = family if family is not None else get_family(exp.family)
+    out = exp.output_dir()
+    exp = replace(exp, train=replace(exp.train, output_dir=str(out)))
+    resume = resolve_resume(exp.train.resume, out)
+    args = build_training_arguments(exp.train, out)  # also sets up the process group under torchrun
+    set_seed(exp.train.seed)
+
+    attn = select_attn_implementation(exp.train.attn_implementation)
+    base_dir = out / BASE_MODEL_DIR
+    uses_lora = exp.train.language_model == "lora"
+    if uses_lora and resume is not None and (base_dir / "config.json").is_file():
+        # The checkpoints link to these base weights: resume on exactly them.
+        model, processor = family.load(base_dir, attn)
+    else:
+        model, processor = family.build(exp, attn)
+        if uses_lora and args.process_index == 0:
+            # A fresh start replaces the base of any earlier run in this folder.
+            with atomic_dir(base_dir) as tmp:
+                model.save_pretrained(tmp)
+    new_ids = family.new_token_ids(model, processor)
+    model = setup_trainable(model, exp.train, family.module_paths(model), new_ids)
+    logger.info(describe_trainable(model))
+
+    # One process fills missing cache entries while the others wait, then all read the cache.
+    with args.main_process_first(desc="preprocessing cache"):
+        dataset, collator = family.train_data(exp, model, processor)
+    lengths = family.train_lengths(dataset) if exp.train.group_by_length else None
+    trainer = ReasonKneeTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        processing_class=processor, experiment=exp, train_lengths=lengths,
+        base_model_dir=base_dir if uses_lora else None,
+        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBarCallback())
+    if args.should_save:
+        save_experiment_config(exp, out / "config.yaml")
+
+    output = trainer.train(resume_from_checkpoint=resume)
+    final_dir = out / "final"
+    # Every rank calls save_model (sharded models gather there); the main one swaps the folder in whole.
+    staging = out / ".final.tmp"
+    trainer.save_model(str(staging))
+    if args.should_save:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(staging, final_dir)
+    merged_dir = None
+    if exp.train.merge and args.should_save:
+        merged_dir = merge_checkpoint(final_dir, out / "merged", family.model_class)
+    return TrainResult(output_dir=out, final_dir=final_dir, merged_dir=merged_dir,
+                       global_step=trainer.state.global_step, resumed_from=resume, metrics=dict(output.metrics),
+                       model=trainer.model)
+
