@@ -28,8 +28,257 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _report_batch(result) -> int:
+    """Print a batch command's outcome; non-zero exit when anything was skipped."""
+    print(f"{result.n_done} done -> {result.out}")
+    if result.skipped:
+        print(f"{len(result.skipped)} skipped, reasons in {result.skipped_path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_export_references(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-references", help="write a split's references in the scorer's JSONL format")
+    p.add_argument("--data", type=Path, required=True, help="release root")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
+    p.add_argument("--out", type=Path, required=True, help="references .jsonl")
+
+    def run(a: argparse.Namespace) -> int:
+        from .data.release import export_references
+        return _report_batch(export_references(a.data, a.split, a.out))
+    p.set_defaults(func=run)
+
+
+def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-dicom", help="one OAI sagittal DESS DICOM series -> NIfTI in release orientation")
+    p.add_argument("dicom_dir", type=Path)
+    p.add_argument("out", type=Path, help="output .nii.gz")
+
+    def run(a: argparse.Namespace) -> int:
+        from .data.dicom import convert_dicom
+        print(convert_dicom(a.dicom_dir, a.out))
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_preprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="write every volume once at model-input size to the volume cache")
+    p.add_argument("--data", type=Path, required=True, help="release root")
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML; its data: section is used")
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"))
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: <data>/cache/volumes")
+
+    def run(a: argparse.Namespace) -> int:
+        from .data.cache import preprocess_release
+        from .data.transforms import PreprocessConfig
+        cfg = PreprocessConfig.from_yaml(a.config)
+        return _report_batch(preprocess_release(a.data, cfg, a.splits, a.cache_dir))
+    p.set_defaults(func=run)
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score predictions against references (ReasonKnee-Bench report)")
+    p.add_argument("--predictions", type=Path, required=True, help='JSONL of {"sample_id", "output"}')
+    p.add_argument("--references", type=Path, required=True, help="references JSONL (export-references)")
+    p.add_argument("--majority-source", type=Path, default=None,
+                   help="train-split references for the majority baseline (default: the scored references)")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    def run(a: argparse.Namespace) -> int:
+        from .evaluation.report import render_summary
+        from .evaluation.score import ScoreInputError, score_files
+        try:
+            report = score_files(a.predictions, a.references, a.out, a.majority_source, plots=not a.no_plots)
+        except (ScoreInputError, OSError) as e:
+            print(f"reasonknee3d score: {e}", file=sys.stderr)
+            return 2
+        for msg in report["input_issues"]:
+            print(f"warning: {msg}", file=sys.stderr)
+        print(render_summary(report))
+        print(f"report: {a.out / 'report.md'}")
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write an untrained model directory from an experiment config")
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML (family, data, model)")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write (replaced if present)")
+
+    def run(a: argparse.Namespace) -> int:
+        import importlib.util
+
+        import yaml
+        try:
+            raw = yaml.safe_load(a.config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            print(f"reasonknee3d init: cannot read {a.config}: {e}", file=sys.stderr)
+            return 2
+        family = raw.get("family") if isinstance(raw, dict) else None
+        try:
+            if family == "3d":
+                from .models.modeling_reasonknee3d import init_reasonknee3d
+                out = init_reasonknee3d(raw, a.out)
+            elif family == "slice":
+                if importlib.util.find_spec("reasonknee3d.models.slice_baseline") is None:
+                    print("reasonknee3d init: the slice family needs reasonknee3d/models/slice_baseline.py "
+                          "(init_slice_model), which this installation lacks", file=sys.stderr)
+                    return 2
+                from .models.slice_baseline import init_slice_model
+                out = init_slice_model(raw, a.out)
+            else:
+                print(f"reasonknee3d init: {a.config}: family must be 3d or slice, got {family!r}", file=sys.stderr)
+                return 2
+        except (ValueError, OSError) as e:
+            print(f"reasonknee3d init: {a.config}: {e}", file=sys.stderr)
+            return 2
+        print(out)
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zeroshot", help="zero-shot predictions: local Qwen2(.5)-VL (hf) or an OpenAI-compatible API")
+    p.add_argument("--backend", required=True, choices=("hf", "openai"))
+    p.add_argument("--model", required=True, help="hf: checkpoint folder; openai: model name at the endpoint")
+    p.add_argument("--data", type=Path, required=True, help="release root")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
+    p.add_argument("--out", type=Path, required=True, help="predictions .jsonl (appended; a rerun resumes)")
+    p.add_argument("--setting", default="plain", choices=("plain", "guided", "gt-crop"))
+    p.add_argument("--base-url", default=None, help="openai: endpoint root, e.g. https://api.openai.com/v1 "
+                                                     "(key from OPENAI_API_KEY)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
+    p.add_argument("--frames", type=int, default=None, help="slices sent (default: all for hf, 32 for openai)")
+    p.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="pixels per slice, multiples of 28 (default: 224 224 for hf, 392 392 for openai)")
+    p.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
+    p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
+    p.add_argument("--max-retries", type=int, default=4, help="openai: retries on 429 / 5xx / timeouts")
+    p.add_argument("--batch-size", type=int, default=1, help="hf: samples per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="hf: generation budget")
+
+    def run(a: argparse.Namespace) -> int:
+        from .evaluation.zeroshot import ZeroShotError, run_zeroshot
+        try:
+            res = run_zeroshot(a.backend, a.model, a.data, a.split, a.out, setting=a.setting, base_url=a.base_url,
+                               limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
+                               timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
+                               max_new_tokens=a.max_new_tokens)
+        except (ValueError, OSError, ZeroShotError) as e:
+            print(f"reasonknee3d zeroshot: {e}", file=sys.stderr)
+            return 2
+        print(f"{res.n_written} written, {res.n_skipped_done} already done, {len(res.failed)} failed "
+              f"of {res.n_samples} -> {res.out}")
+        for sid, err in res.failed.items():
+            print(f"failed {sid}: {err}", file=sys.stderr)
+        return 1 if res.failed else 0
+    p.set_defaults(func=run)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train either model family from an experiment YAML (resumable, torchrun-ready)")
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML (family, data, model, train)")
+    p.add_argument("--data", default=None, help="release root (train.data_dir)")
+    p.add_argument("--output-dir", default=None, help="run folder (train.output_dir; default runs/<config stem>)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (train.max_steps)")
+    p.add_argument("--save-steps", type=int, default=None, help="steps between checkpoints (train.save_steps)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.learning_rate=1e-4 model.num_bins=64")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+        import logging
+
+        from .training.config import ConfigError, load_experiment_config
+        from .training.trainer import run_training
+        flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
+                 "train.save_steps": a.save_steps}
+        # JSON-quoted: a path stays a string even when YAML would read it as a number or a mapping.
+        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(a.overrides)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            result = run_training(load_experiment_config(a.config, overrides))
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"reasonknee3d train: {e}", file=sys.stderr)
+            return 2
+        resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
+        print(f"trained to step {result.global_step}{resumed}: {result.final_dir}"
+              + (f", merged: {result.merged_dir}" if result.merged_dir else ""))
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="batched generation with a trained model -> predictions JSONL (resumable)")
+    p.add_argument("--model", type=Path, required=True, help="model folder (checkpoint-N, final, merged or init)")
+    p.add_argument("--data", type=Path, required=True, help="release root")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
+    p.add_argument("--out", type=Path, required=True, help="predictions .jsonl (appended; a rerun resumes)")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per generate call")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per sample")
+    p.add_argument("--unconstrained", action="store_true",
+                   help="plain greedy decoding (no box / severity logits processors)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .evaluation.predict import predict
+        try:
+            res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
+                          constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens)
+        except (ValueError, OSError) as e:
+            print(f"reasonknee3d predict: {e}", file=sys.stderr)
+            return 2
+        print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
+              f"-> {res.out}")
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="answer one question about one volume; optional box overlay picture")
+    p.add_argument("--model", type=Path, required=True, help="model folder (3D-native or slice baseline)")
+    p.add_argument("--volume", type=Path, required=True, help="NIfTI volume (.nii.gz)")
+    p.add_argument("--question-id", type=int, required=True)
+    p.add_argument("--box", type=int, nargs=6, default=None, metavar="V", help="reference box to draw (voxels)")
+    p.add_argument("--png", type=Path, default=None, help="write the three-slice overlay picture here")
+    p.add_argument("--prompt", default=None, help="prompt text (default: the project's question wording)")
+    p.add_argument("--unconstrained", action="store_true", help="plain greedy decoding, no box/JSON constraints")
+
+    def run(a: argparse.Namespace) -> int:
+        from .evaluation.infer import infer
+        r = infer(a.model, a.volume, a.question_id, gt_box=a.box, png=a.png, prompt=a.prompt,
+                  constrained=not a.unconstrained)
+        print(r.text)
+        print(f"\nbox: {r.box}\nseverity: {r.severity}" + (f"\npicture: {r.png}" if r.png else ""))
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole loop on the embedded default: synth, train both, predict, score")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="everything is written under this folder")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (about 2 minutes)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .demo import run_demo
+        run_demo(a.out, quick=a.quick)
+        return 0
+    p.set_defaults(func=run)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_score,
     _add_synth,
+    _add_export_references,
+    _add_convert_dicom,
+    _add_preprocess,
+    _add_init,
+    _add_zeroshot,
+    _add_train,
+    _add_predict,
+    _add_infer,
+    _add_demo,
 ]
 
 
