@@ -62,13 +62,19 @@ def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preprocess", help="write every volume once at model-input size to the volume cache")
+    p = sub.add_parser("preprocess", help="fill the volume cache (3D configs) or vision-feature cache (slice configs)")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML; its data: section is used")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"))
-    p.add_argument("--cache-dir", type=Path, default=None, help="default: <data>/cache/volumes")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="default: <data>/cache/volumes (3D) or <data>/cache/slice_features (slice)")
 
     def run(a: argparse.Namespace) -> int:
+        import yaml
+        raw = yaml.safe_load(a.config.read_text(encoding="utf-8")) or {}
+        if raw.get("family") == "slice":
+            from .models.slice_baseline import preprocess_slice_features
+            return _report_batch(preprocess_slice_features(a.data, raw.get("model") or {}, a.cache_dir, a.splits))
         from .data.cache import preprocess_release
         from .data.transforms import PreprocessConfig
         cfg = PreprocessConfig.from_yaml(a.config)
@@ -267,6 +273,33 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure the performance figures (token ratio, step speedup, cache, scoring, "
+                                     "KV cache, MFU) on this machine")
+    p.add_argument("--out", type=Path, default=None, help="write the full JSON here (default: print it)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per figure after a warm-up (default: 5, training steps 3; --quick: 2)")
+    p.add_argument("--quick", action="store_true", help="smoke test on the tiny configs (under a minute)")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+        import logging
+
+        from .bench import print_table, run_bench
+        if a.repeats is not None and a.repeats < 1:
+            print(f"reasonknee3d bench: --repeats must be >= 1, got {a.repeats}", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        result = run_bench(a.out, repeats=a.repeats, quick=a.quick)
+        print_table(result)
+        if a.out is None:
+            print(json.dumps(result, indent=1))
+        else:
+            print(f"JSON: {a.out}")
+        return 0
+    p.set_defaults(func=run)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_score,
     _add_synth,
@@ -279,6 +312,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_predict,
     _add_infer,
     _add_demo,
+    _add_bench,
 ]
 
 

@@ -84,3 +84,18 @@ def test_failed_write_leaves_no_partial_entry(release, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         VolumeCache(tmp_path / "c", CFG).put(img)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_preprocess_command_dispatches_slice_configs_to_the_feature_cache(tmp_path):
+    """`preprocess --config <slice yaml>` fills the vision-feature cache, not the volume cache."""
+    from pathlib import Path
+
+    from reasonknee3d.cli import main
+    from reasonknee3d.data.synth import write_synthetic_release
+
+    release = tmp_path / "rel"
+    write_synthetic_release(release, n_volumes=3, shape=(16, 32, 32), seed=0, questions=[1])
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_slice.yaml"
+    assert main(["preprocess", "--data", str(release), "--config", str(config), "--splits", "train"]) == 0
+    assert list((release / "cache" / "slice_features").rglob("*.safetensors"))
+    assert not (release / "cache" / "volumes").exists()
