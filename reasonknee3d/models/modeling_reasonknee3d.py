@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
 from ..constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
+from ..io_utils import atomic_dir
 from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig
 from .projector import PROJECTORS, build_projector
 from .volume_encoder import VolumeEncoder
@@ -412,16 +411,7 @@ def init_reasonknee3d(experiment: dict[str, Any], out_dir: str | Path) -> Path:
 
 def save_model_dir(model: PreTrainedModel, processor: Any, out_dir: str | Path) -> Path:
     """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -23,8 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -37,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from ..attention import select_attn_implementation
 from ..boxes import clip_boxes, coord_tokens_to_text, validate_box, voxel_text_to_coord_tokens
 from ..constants import IGNORE_INDEX, VIDEO_PAD, VISION_END, VISION_START
-from ..io_utils import atomic_path
+from ..io_utils import atomic_dir, atomic_path
 from .chat import decode_answer, encode_example
 from .tiny_qwen import default_tiny_qwen_dir
 from .tokens import add_box_tokens_to_model
@@ -526,22 +524,13 @@ def init_slice_model(cfg_dict: Mapping[str, Any], out_dir: str | os.PathLike) ->
         raise ValueError(f"train: {e}") from None
     check_slice_train_config(train)
     model, processor = build_slice_model(cfg)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)  # base weights first: the adapter below holds only what trains
         trainable = setup_trainable(model, train, slice_module_paths(model), new_token_ids(processor, cfg))
         if isinstance(trainable, PeftModel):
             trainable.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 # --- batches ---------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -24,6 +23,7 @@ from ..boxes import box_to_text
 from ..constants import (ENDOFTEXT, IM_END, IMAGE_PAD, LOCATION_PREFIX, QWEN_SPECIAL_TOKENS, VIDEO_PAD,
                          VISION_END, VISION_START)
 from ..schema import load_schema
+from ..io_utils import atomic_dir
 
 # Qwen2-VL / Qwen2.5-VL chat template as shipped in the official checkpoints (tokenizer_config.json).
 QWEN_VL_CHAT_TEMPLATE = (
@@ -211,19 +211,10 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, corpus: Optional[Iterable[
                                     video_processor=Qwen2VLVideoProcessor(**pixel_kwargs),
                                     tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def default_tiny_qwen_dir(root: Optional[str | os.PathLike] = None, build: bool = True, **sizes: int) -> Path:

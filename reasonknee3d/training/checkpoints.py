@@ -8,33 +8,17 @@ plain ``from_pretrained``, and ``merge_checkpoint`` folds the adapter in for a s
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..io_utils import atomic_dir
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 BASE_MODEL_DIR = "base_model"
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``path``; on success it replaces ``path``, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def has_adapter(folder: str | os.PathLike) -> bool:
