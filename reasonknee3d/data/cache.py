@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -85,12 +85,14 @@ class VolumeCache:
         return np.load(arr_path, mmap_mode="r"), meta
 
 
-def preprocess_release(root: str | Path, cfg: PreprocessConfig, splits: Iterable[str] = ("train", "val", "test"),
-                       cache_dir: str | Path | None = None) -> BatchResult:
-    """Fill the cache for every volume of ``splits`` (each once); bad volumes are skipped and listed in
-    ``<cache_dir>/preprocess_skipped.jsonl``. ``n_done`` counts entries written or already present."""
+def fill_volume_cache(root: str | Path, cache_dir: Path, splits: Iterable[str], has: Callable[[Path], bool],
+                      put: Callable[[Path], Any]) -> BatchResult:
+    """Call ``put(image_path)`` for every volume of ``splits`` (each once) for which ``has`` is false.
+
+    Shared by the volume cache and the slice baseline's feature cache: bad volumes are skipped and listed
+    in ``<cache_dir>/preprocess_skipped.jsonl``; ``n_done`` counts entries written or already present.
+    """
     loader = ReleaseLoader(root)
-    cache = VolumeCache(cache_dir if cache_dir is not None else loader.root / "cache" / "volumes", cfg)
     seen: set[Path] = set()
     skipped: list[Skipped] = []
     n_done = 0
@@ -100,15 +102,21 @@ def preprocess_release(root: str | Path, cfg: PreprocessConfig, splits: Iterable
                 continue
             seen.add(vol.image_path)
             try:
-                if not cache.has(vol.image_path):
-                    cache.put(vol.image_path)
+                if not has(vol.image_path):
+                    put(vol.image_path)
                 n_done += 1
             except (VolumeError, ReleaseError, CacheMiss) as e:
                 skipped.append(Skipped(f"{split} {vol.volume_id}", str(e)))
-    cache.dir.mkdir(parents=True, exist_ok=True)
-    return BatchResult(out=cache.dir, n_done=n_done, skipped=skipped,
-                       skipped_path=write_skipped(cache.dir / SKIPPED_FILE, skipped))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return BatchResult(out=cache_dir, n_done=n_done, skipped=skipped,
+                       skipped_path=write_skipped(cache_dir / SKIPPED_FILE, skipped))
 
+
+def preprocess_release(root: str | Path, cfg: PreprocessConfig, splits: Iterable[str] = ("train", "val", "test"),
+                       cache_dir: str | Path | None = None) -> BatchResult:
+    """Fill the volume cache for every volume of ``splits`` (see ``fill_volume_cache``)."""
+    cache = VolumeCache(cache_dir if cache_dir is not None else ReleaseLoader(root).root / "cache" / "volumes", cfg)
+    return fill_volume_cache(root, cache.dir, splits, cache.has, cache.put)
 
 
 def bench_cache(work_dir: str | Path, shape: tuple[int, int, int] = (160, 384, 384),

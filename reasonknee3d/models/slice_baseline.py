@@ -398,9 +398,9 @@ def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineCon
     folder is ``<data_dir>/cache/slice_features``. Unreadable volumes are skipped and listed in
     ``<cache_dir>/preprocess_skipped.jsonl``.
     """
-    from ..data.cache import SKIPPED_FILE, CacheMiss
-    from ..data.io import VolumeError, load_volume
-    from ..data.release import BatchResult, ReleaseError, ReleaseLoader, Skipped, write_skipped
+    from ..data.cache import fill_volume_cache
+    from ..data.io import load_volume
+    from ..data.release import ReleaseLoader
 
     cfg = as_slice_config(cfg)
     loader = ReleaseLoader(data_dir)
@@ -410,26 +410,15 @@ def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineCon
         model.to("cuda")
     cache = SliceFeatureCache.for_model(cache_dir if cache_dir is not None else loader.root / "cache" / "slice_features",
                                         model, cfg)
-    seen: set[Path] = set()
-    skipped: list[Skipped] = []
-    n_done = 0
-    for split in splits:
-        for vol in loader.volumes(split):
-            if vol.image_path in seen:
-                continue
-            seen.add(vol.image_path)
-            try:
-                if not cache.has(vol.image_path):
-                    volume, meta = load_volume(vol.image_path)
-                    feats, grid = compute_video_features(model, processor, cfg, volume_to_frames(volume, cfg))
-                    cache.save(vol.image_path, CachedFeatures(feats, grid, meta.shape))
-                n_done += 1
-            except (VolumeError, ReleaseError, CacheMiss) as e:
-                skipped.append(Skipped(f"{split} {vol.volume_id}", str(e)))
-    cache.dir.mkdir(parents=True, exist_ok=True)
-    logger.info("slice features: %d volumes in %s, %d skipped", n_done, cache.dir, len(skipped))
-    return BatchResult(out=cache.dir, n_done=n_done, skipped=skipped,
-                       skipped_path=write_skipped(cache.dir / SKIPPED_FILE, skipped))
+
+    def put(image_path: Path) -> None:
+        volume, meta = load_volume(image_path)
+        feats, grid = compute_video_features(model, processor, cfg, volume_to_frames(volume, cfg))
+        cache.save(image_path, CachedFeatures(feats, grid, meta.shape))
+
+    result = fill_volume_cache(loader.root, cache.dir, splits, cache.has, put)
+    logger.info("slice features: %d volumes in %s, %d skipped", result.n_done, cache.dir, len(result.skipped))
+    return result
 
 
 # --- models ----------------------------------------------------------------------------------------
