@@ -18,10 +18,12 @@ Every figure is a ratio or rate measured here, in this process, beside the setti
   peak measured in the same run.
 
 Each ``measure_*`` function returns a dict with the median, every repeat and its settings; ``run_bench``
-runs them all and ``print_table`` shows the result. Timed figures are medians after a warm-up run.
+runs them all and ``print_table`` shows the result. Timed figures are medians after a warm-up run; the
+two sides of a speedup are timed in alternation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -103,16 +105,25 @@ QUICK = BenchSettings(config_3d="tiny_3d.yaml", config_slice="tiny_slice.yaml", 
 
 # --- timing and FLOP counting ------------------------------------------------------------------------
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call, per name: ``warmup`` untimed rounds, then ``repeats`` rounds calling every
+    function once in turn. Interleaving makes a burst of load from other jobs hit both sides of a ratio
+    instead of only the one being timed at that moment."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def time_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    return time_interleaved({"fn": fn}, repeats, warmup)["fn"]
 
 
 def _cpu_sdpa_flop(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int],
@@ -305,38 +316,39 @@ def _step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -
     return float(loss.detach())
 
 
-def _time_family(family_name: str, exp: Any, make_batch: Callable[[Any, Any], dict[str, Any]],
-                 repeats: int) -> dict[str, Any]:
-    """Median step time, every repeat, FLOPs of one step and the batch's token counts for one family.
+def _family_step(family_name: str, exp: Any,
+                 make_batch: Callable[[Any, Any], dict[str, Any]]) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
+    """(model, optimizer, one-sample batch) of one family, ready for ``_step``."""
+    model, processor, optimizer = _trainable(family_name, exp)
+    return model, optimizer, make_batch(model, processor)
 
-    For the 3D family also ``encoder_flops``: forward + backward of encoder and projector alone.
-    """
+
+def _step_counts(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any], name: str) -> dict[str, Any]:
+    """FLOPs of one step, token and parameter counts; for the 3D family also ``encoder_flops`` (forward +
+    backward of encoder and projector alone) and their share of the step."""
     from .training.stages import unwrap_base
 
-    model, processor, optimizer = _trainable(family_name, exp)
-    batch = make_batch(model, processor)
-    times = time_runs(lambda: _step(model, optimizer, batch), repeats)
     with flop_counter() as counter:
         loss = _step(model, optimizer, batch)
     if not math.isfinite(loss):
-        raise RuntimeError(f"{family_name} bench step gave loss {loss}; the step is not a real training step")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = {"median_s": statistics.median(times), "repeats_s": times, "flops_per_step": counter.get_total_flops(),
-              "sequence_tokens": int(batch["input_ids"].shape[1]), "trainable_parameters": trainable,
-              "parameters": sum(p.numel() for p in model.parameters())}
+        raise RuntimeError(f"{name} bench step gave loss {loss}; the step is not a real training step")
+    out = {"flops_per_step": counter.get_total_flops(), "sequence_tokens": int(batch["input_ids"].shape[1]),
+           "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "parameters": sum(p.numel() for p in model.parameters())}
     if "volumes" in batch:
         # FlopCounterMode's per-module split is unreliable in backward, so the encoder is counted on its own.
         with flop_counter() as counter:
             unwrap_base(model).model.get_volume_features(batch["volumes"]).sum().backward()
         optimizer.zero_grad(set_to_none=True)
-        result["encoder_flops"] = counter.get_total_flops()
-        result["encoder_share"] = result["encoder_flops"] / result["flops_per_step"]
-    return result
+        out["encoder_flops"] = counter.get_total_flops()
+        out["encoder_share"] = out["encoder_flops"] / out["flops_per_step"]
+    return out
 
 
 def measure_train_step(exp3d: Any, exp_slice: Any, volume: np.ndarray, question_id: int, prompt: str, answer: str,
                        visual_tokens: dict[str, int], repeats: int = 3) -> dict[str, Any]:
-    """Training step time of both families on one sample: forward + backward + AdamW step, batch size 1.
+    """Training step time of both families on one sample: forward + backward + AdamW step, batch size 1,
+    the two families' steps interleaved.
 
     3D: volume -> encoder -> projector -> language model. Slice: the same language model on cached vision
     features (``mm_encoder_outputs``), as in training. Trainable parts come from each config's ``train:``
@@ -344,9 +356,12 @@ def measure_train_step(exp3d: Any, exp_slice: Any, volume: np.ndarray, question_
     token count: sequence length minus visual tokens.
     """
     vol3d = torch.from_numpy((volume - volume.mean()) / volume.std())
-    r3d = _time_family("3d", exp3d, lambda m, p: dict(p([vol3d], [prompt], [answer])), repeats)
-    rsl = _time_family("slice", exp_slice, lambda m, p: _slice_batch(m, p, volume, question_id, prompt, answer),
-                       repeats)
+    setups = {"3d": _family_step("3d", exp3d, lambda m, p: dict(p([vol3d], [prompt], [answer]))),
+              "slice": _family_step("slice", exp_slice,
+                                    lambda m, p: _slice_batch(m, p, volume, question_id, prompt, answer))}
+    times = time_interleaved({name: functools.partial(_step, *setup) for name, setup in setups.items()}, repeats)
+    r3d, rsl = ({"median_s": statistics.median(times[name]), "repeats_s": times[name],
+                 **_step_counts(*setups[name], name)} for name in ("3d", "slice"))
     text = {name: r["sequence_tokens"] - visual_tokens[name] for name, r in (("3d", r3d), ("slice", rsl))}
     return {"speedup": rsl["median_s"] / r3d["median_s"], "flops_ratio": rsl["flops_per_step"] / r3d["flops_per_step"],
             "3d": r3d, "slice": rsl, "text_tokens": text,
@@ -520,11 +535,9 @@ def measure_kv_cache(config_name: str, question_id: int = 1, new_tokens: int = 6
         if out.shape[1] - prompt_len != new_tokens:
             raise RuntimeError(f"generate returned {out.shape[1] - prompt_len} new tokens, expected {new_tokens}")
 
-    rates, times = {}, {}
-    for use_cache in (True, False):
-        key = "cache" if use_cache else "no_cache"
-        times[key] = time_runs(lambda: generate(use_cache), repeats)
-        rates[key] = new_tokens / statistics.median(times[key])
+    times = time_interleaved({"cache": functools.partial(generate, True),
+                              "no_cache": functools.partial(generate, False)}, repeats)
+    rates = {key: new_tokens / statistics.median(t) for key, t in times.items()}
     return {"speedup": rates["cache"] / rates["no_cache"], "tokens_per_s": rates, "repeats_s": times,
             "settings": {"config": str(path), "new_tokens": new_tokens, "prompt_tokens": int(prompt_len),
                          "batch_size": 1, "repeats": repeats}}
