@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .demo import CONFIG_DIR
+from .demo import config_path
 from .io_utils import write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -164,14 +164,6 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, Any]:
 
 # --- the two families, built the way the trainer builds them ------------------------------------------
 
-def _config_path(name: str) -> Path:
-    path = CONFIG_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the bench reads its experiment configs from the repository's "
-                                f"configs/ folder (install with `pip install -e .` from a clone)")
-    return path
-
-
 def _overrides(prefix: str, values: dict[str, Any]) -> list[str]:
     # JSON-quoted: YAML reads JSON, and a path stays a string.
     return [f"{prefix}.{k}={json.dumps(v)}" for k, v in values.items()]
@@ -183,12 +175,12 @@ def load_experiments(s: BenchSettings, lm_dir: Optional[Path] = None) -> tuple[A
     from .training.config import load_experiment_config
 
     if lm_dir is None:
-        return (load_experiment_config(_config_path(s.config_3d)),
-                load_experiment_config(_config_path(s.config_slice)))
+        return (load_experiment_config(config_path(s.config_3d)),
+                load_experiment_config(config_path(s.config_slice)))
     common = [f"model.language_model={json.dumps({'path': str(lm_dir)})}"]
     encoder = _overrides("model.encoder", s.encoder) + _overrides("model.projector", s.projector)
-    exp3d = load_experiment_config(_config_path(s.config_3d), common + ["model.dtype=null"] + encoder)
-    exp_slice = load_experiment_config(_config_path(s.config_slice), common + ['model.dtype="float32"'])
+    exp3d = load_experiment_config(config_path(s.config_3d), common + ["model.dtype=null"] + encoder)
+    exp_slice = load_experiment_config(config_path(s.config_slice), common + ['model.dtype="float32"'])
     return exp3d, exp_slice
 
 
@@ -518,7 +510,7 @@ def measure_kv_cache(config_name: str, question_id: int = 1, new_tokens: int = 6
 
     from .models.modeling_reasonknee3d import build_reasonknee3d
 
-    path = _config_path(config_name)
+    path = config_path(config_name)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     torch.manual_seed(0)
     model, processor = build_reasonknee3d(raw["model"], raw["data"])

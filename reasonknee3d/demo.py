@@ -47,10 +47,12 @@ class DemoSettings:
 QUICK = DemoSettings(volumes=6, max_steps=10, batch_size=4, max_new_tokens=160, test_limit=16, pictures=1)
 
 
-def _config_path(name: str) -> Path:
+def config_path(name: str) -> Path:
+    """A file of the repository's configs/ folder, with a clear error when the package was not installed from
+    a clone (the demo and the bench read their experiments there)."""
     path = CONFIG_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the demo reads the tiny configs from the repository's configs/ "
+        raise FileNotFoundError(f"{path} not found: the experiment configs live in the repository's configs/ "
                                 f"folder (install with `pip install -e .` from a clone)")
     return path
 
@@ -63,7 +65,7 @@ def _train(family: str, release: Path, run_dir: Path, s: DemoSettings) -> tuple[
     timing = run_dir / "demo_train_seconds.json"
     if final.is_dir() and timing.is_file():
         return final, float(json.loads(timing.read_text())["seconds"])
-    exp = load_experiment_config(_config_path(FAMILIES[family]), [
+    exp = load_experiment_config(config_path(FAMILIES[family]), [
         f"train.data_dir={release}", f"train.output_dir={run_dir}", f"train.max_steps={s.max_steps}",
         f"train.per_device_batch_size={s.batch_size}", f"train.save_steps={max(s.max_steps, 1)}",
         f"train.seed={s.seed}", f"train.learning_rate={s.learning_rate}"])
