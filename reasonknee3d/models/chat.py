@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
+
 from ..constants import ENDOFTEXT, IGNORE_INDEX, IM_END
 
 
@@ -56,3 +58,21 @@ def decode_answer(tokenizer, ids: Sequence[int]) -> str:
             break
         out.append(int(i))
     return tokenizer.decode(out, skip_special_tokens=False).strip()
+
+
+def pad_examples(rows: Sequence[dict], pad_id: int, left: bool) -> dict[str, "torch.Tensor"]:
+    """Stack ``encode_example`` rows into ``input_ids`` / ``labels`` / ``attention_mask`` of one width.
+
+    Left padding for generation (every row continues from its last position), right padding for training.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[i, cols] = torch.tensor(r["input_ids"])
+        labels[i, cols] = torch.tensor(r["labels"])
+        mask[i, cols] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

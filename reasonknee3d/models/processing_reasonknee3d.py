@@ -18,8 +18,8 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from ..boxes import coord_tokens_to_text, voxel_text_to_coord_tokens
-from ..constants import IGNORE_INDEX, VISION_END, VISION_START, VOLUME_PAD
-from .chat import decode_answer, encode_example
+from ..constants import VISION_END, VISION_START, VOLUME_PAD
+from .chat import decode_answer, encode_example, pad_examples
 
 Shape = tuple[int, int, int]
 VolumeInput = torch.Tensor | np.ndarray | str | Path
@@ -89,17 +89,8 @@ class ReasonKnee3DProcessor(ProcessorMixin):
         for i, prompt in enumerate(prompts):
             answer = None if answers is None else voxel_text_to_coord_tokens(answers[i], shapes[i], self.num_bins)
             rows.append(encode_example(self.tokenizer, prompt, answer, media=self.media, system=self.system_prompt))
-        length = max(len(r["input_ids"]) for r in rows)
-        pad_id = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            cols = slice(length - n, length) if side == "left" else slice(0, n)
-            ids[i, cols] = torch.tensor(r["input_ids"])
-            labels[i, cols] = torch.tensor(r["labels"])
-            mask[i, cols] = 1
+        padded = pad_examples(rows, self.tokenizer.pad_token_id, left=side == "left")
+        ids, labels, mask = padded["input_ids"], padded["labels"], padded["attention_mask"]
         data = {"input_ids": ids, "attention_mask": mask, "volumes": torch.stack([v for v, _ in loaded])}
         if answers is not None:
             data["labels"] = labels

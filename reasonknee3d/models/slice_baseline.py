@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from ..attention import select_attn_implementation
 from ..boxes import clip_boxes, coord_tokens_to_text, validate_box, voxel_text_to_coord_tokens
-from ..constants import IGNORE_INDEX, VIDEO_PAD, VISION_END, VISION_START
+from ..constants import VIDEO_PAD, VISION_END, VISION_START
 from ..io_utils import atomic_dir, atomic_path
-from .chat import decode_answer, encode_example
+from .chat import decode_answer, encode_example, pad_examples
 from .tiny_qwen import default_tiny_qwen_dir
 from .tokens import add_box_tokens_to_model
 
@@ -576,18 +576,9 @@ class SliceCollator:
             prompt = self.prompt_fn(s) if self.prompt_fn is not None else s.prompt
             rows.append(encode_example(self.tokenizer, prompt, answer, media_text(n), self.cfg.system_prompt))
 
-        width = max(len(r["input_ids"]) for r in rows)
-        left = not self.train  # generation continues from the last position, so pad on the left
-        pad_id = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            sl = slice(width - n, width) if left else slice(0, n)
-            ids[i, sl] = torch.tensor(r["input_ids"])
-            labels[i, sl] = torch.tensor(r["labels"])
-            mask[i, sl] = 1
+        # Generation continues from the last position, so pad on the left.
+        padded = pad_examples(rows, self.tokenizer.pad_token_id, left=not self.train)
+        ids, labels, mask = padded["input_ids"], padded["labels"], padded["attention_mask"]
         # 0 text, 2 video: without it Qwen silently falls back to 1D positions for the video tokens.
         batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
                                  "mm_token_type_ids": (ids == self.video_token_id).long() * 2,
