@@ -69,14 +69,13 @@ class BenchSettings:
     """Sizes (``tiny_qwen.TinyQwenSizes``) of the random-init language model both families train with.
     Real: hidden 2048, 36 layers. On 2 idle CPU cores a slice step over about 5,400 tokens takes about 2 s
     at these sizes; hidden 512 x 4 layers took about 20 s with another job on the cores."""
-    encoder: dict = field(default_factory=lambda: dict(patch_size=[10, 48, 48], hidden_size=96, num_hidden_layers=1,
+    encoder: dict = field(default_factory=lambda: dict(patch_size=[20, 48, 48], hidden_size=96, num_hidden_layers=1,
                                                         num_attention_heads=2, intermediate_size=384))
     """Overrides of the 3D config's ``model.encoder`` for the measured step. Width and depth shrink like the
     LM's (real ViT-B: 768 = 0.375 x 2048 wide, 12 = 36 / 3 layers), which keeps the encoder's share of the
-    3D step's FLOPs near the real one (about 40 % here, 45 % at real size). Patch 10 x 48 x 48 without
-    pooling gives the real 16 x 8 x 8 = 1,024 visual tokens from the same 160 x 384 x 384 input, but
-    attends over 1,024 patches instead of 9,216: CPU SDPA backward over 9,216 tokens alone takes seconds
-    to tens of seconds here."""
+    3D step's FLOPs near the real one. Patch 20 x 48 x 48 without pooling gives the real 8 x 8 x 8 = 512
+    visual tokens from the same 160 x 384 x 384 input, but attends over 512 patches instead of 9,216: CPU
+    SDPA backward over 9,216 tokens alone takes seconds to tens of seconds here."""
     projector: dict = field(default_factory=lambda: dict(pool_kernel=[1, 1, 1]))
     """Overrides of the 3D config's ``model.projector`` that go with ``encoder``."""
     question_id: int = 1

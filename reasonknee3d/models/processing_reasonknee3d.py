@@ -50,7 +50,10 @@ class ReasonKnee3DProcessor(ProcessorMixin):
         return VISION_START + VOLUME_PAD * self.num_visual_tokens + VISION_END
 
     def load_volume(self, volume: VolumeInput) -> tuple[torch.Tensor, Shape]:
-        """One volume as ``(1, S, H, W)`` float32 at ``volume_size`` and the shape its boxes refer to.
+        """One volume as a ``(1, S, H, W)`` float tensor at ``volume_size`` and the shape its boxes refer to.
+
+        Floating arrays keep their dtype (the float16 cache stays float16 until the model casts it on its
+        device); integer arrays become float32.
 
         A path is loaded and preprocessed (``data.transforms.preprocess_volume``); its original shape is
         the loaded array's. An array must already be preprocessed to ``volume_size``.
@@ -60,7 +63,9 @@ class ReasonKnee3DProcessor(ProcessorMixin):
             cfg = PreprocessConfig(**{**self.preprocess, "input_shape": tuple(self.volume_size)})
             arr, orig_shape = preprocess_volume(volume, cfg)
             return torch.from_numpy(arr)[None], tuple(orig_shape)
-        t = torch.as_tensor(volume, dtype=torch.float32)
+        t = torch.as_tensor(volume)
+        if not t.is_floating_point():
+            t = t.float()  # float16 / bfloat16 / float32 pass through: the model casts on its device
         if t.ndim == 3:
             t = t[None]
         if t.ndim != 4 or t.shape[0] != 1 or list(t.shape[1:]) != self.volume_size:

@@ -51,7 +51,7 @@ class PatchEmbed3D(nn.Module):
         if volumes.ndim != 5 or bad:
             raise ValueError(f"volumes must be (B, C, S, H, W) with S, H, W divisible by patch_size "
                              f"{self.patch_size}; got shape {tuple(volumes.shape)}")
-        x = self.proj(volumes)  # (B, C, D, H, W)
+        x = self.proj(volumes.to(self.proj.weight.dtype))  # (B, C, D, H, W); float16 cache arrays are cast here
         grid = tuple(x.shape[2:])
         return x.flatten(2).transpose(1, 2), grid  # (B, D*H*W, C)
 

@@ -73,3 +73,13 @@ def test_bad_inputs_name_the_shape():
         VolumeEncoderConfig(input_size=[10, 16, 16], patch_size=[4, 8, 8])
     with pytest.raises(ValueError, match="pos_embed 'rope'"):
         VolumeEncoderConfig(pos_embed="rope")
+
+
+def test_float16_cache_volumes_are_cast_to_the_model_dtype():
+    # The Dataset hands over the cache's float16 arrays; the patch embedding casts them (one place).
+    enc = _encoder()
+    x = torch.randn(1, 1, 8, 16, 16).half()
+    feats, _ = enc(x)
+    ref, _ = enc(x.float())
+    assert feats.dtype == torch.float32
+    torch.testing.assert_close(feats, ref)
