@@ -150,6 +150,38 @@ def scale_boxes(boxes: BoxLike, src_shape: Sequence[int], dst_shape: Sequence[in
     return clip_boxes(from_corners(c), dst_shape)
 
 
+def mirror_boxes(boxes: BoxLike, shape: Sequence[int]) -> np.ndarray:
+    """Boxes of a volume mirrored along array axis 0 (the sagittal slice axis) of ``shape``.
+
+    Index i becomes ``S - 1 - i``; min and max trade places, so a valid box stays valid (and a reversed one
+    stays reversed). Mirroring twice gives the input back.
+    """
+    b = as_boxes(boxes).copy()
+    last = int(shape[0]) - 1
+    b[..., 0], b[..., 1] = last - b[..., 1], last - b[..., 0]
+    return b
+
+
+_VOXEL_BOX_RE = re.compile(re.escape(BOX_START) + r"\s*\[([^\]]*)\]\s*" + re.escape(BOX_END))
+
+
+def mirror_text_boxes(text: str, shape: Sequence[int]) -> str:
+    """``text`` with every voxel-text box ``<|box_start|>[..]<|box_end|>`` mirrored along axis 0 of ``shape``.
+
+    Maps answers into a side-canonical frame and predictions back (``data.transforms`` ``canonical_side``);
+    a span that is not six integers is left as it is, for the scorer to judge.
+    """
+    def repl(m: re.Match) -> str:
+        try:
+            vals = [int(v) for v in m.group(1).split(",")]
+        except ValueError:
+            return m.group(0)
+        if len(vals) != 6:
+            return m.group(0)
+        return f"{BOX_START}{[int(v) for v in mirror_boxes(vals, shape)]}{BOX_END}"
+    return _VOXEL_BOX_RE.sub(repl, text)
+
+
 # --- quantization to K bins per axis ----------------------------------------------------------------
 
 def quantize_boxes(boxes: BoxLike, shape: Sequence[int], num_bins: int) -> np.ndarray:
@@ -191,19 +223,19 @@ _COORD_SPAN_RE = re.compile(re.escape(BOX_START) + r"((?:" + _COORD_RE.pattern +
 def coord_tokens_to_text(text: str, shape: Sequence[int], num_bins: int) -> str:
     """Replace every coordinate-token box in ``text`` by its voxel text form (``box_to_text``).
 
-    Used when decoding model output: the scorer sees voxel indices of the original volume.
+    Used when decoding model output: the scorer sees voxel indices of the original volume. Unconstrained
+    generation can emit a box with min > max on an axis; it is written as generated (the scorer repairs and
+    counts it) rather than raising and losing the whole batch.
     """
     def repl(m: re.Match) -> str:
         bins = [int(x) for x in _COORD_RE.findall(m.group(1))]
-        return box_to_text(dequantize_boxes(bins, shape, num_bins))
+        return f"{BOX_START}{[int(v) for v in dequantize_boxes(bins, shape, num_bins)]}{BOX_END}"
     return _COORD_SPAN_RE.sub(repl, text)
 
 
 def voxel_text_to_coord_tokens(text: str, shape: Sequence[int], num_bins: int) -> str:
     """Replace every voxel-text box in ``text`` by coordinate tokens (training targets)."""
-    pat = re.compile(re.escape(BOX_START) + r"\s*\[([^\]]*)\]\s*" + re.escape(BOX_END))
-
     def repl(m: re.Match) -> str:
         vals = [int(float(v)) for v in m.group(1).split(",")]
         return box_to_coord_tokens(vals, shape, num_bins)
-    return pat.sub(repl, text)
+    return _VOXEL_BOX_RE.sub(repl, text)

@@ -91,3 +91,33 @@ def test_text_forms_round_trip():
     tok = B.voxel_text_to_coord_tokens(text, shape, k)
     assert "<|coord_1|><|coord_5|><|coord_10|><|coord_20|><|coord_30|><|coord_40|>" in tok
     assert B.coord_tokens_to_text(tok, shape, k) == text
+
+
+def test_coord_tokens_to_text_keeps_a_reversed_generated_box_for_the_scorer():
+    # Unconstrained generation may emit max < min; decoding must not raise (the scorer repairs and counts it).
+    tokens = "Location: <|box_start|>" + "".join(f"<|coord_{k}|>" for k in (5, 2, 0, 63, 10, 10)) + "<|box_end|>"
+    text = B.coord_tokens_to_text(tokens, (64, 64, 64), 64)
+    assert text == "Location: <|box_start|>[5, 2, 0, 63, 10, 10]<|box_end|>"
+    from reasonknee3d.evaluation.parsing import parse_output
+    from reasonknee3d.schema import get_question
+    parsed = parse_output(text, get_question(1))
+    assert list(parsed.box) == [2, 5, 0, 63, 10, 10] and parsed.box_repaired
+
+
+def test_mirror_boxes_by_hand_and_twice_is_identity():
+    shape = (10, 20, 30)
+    assert B.mirror_boxes([1, 3, 4, 5, 6, 7], shape).tolist() == [6, 8, 4, 5, 6, 7]  # 9-3, 9-1
+    rng = np.random.default_rng(0)
+    lo = rng.integers(0, 5, size=(50, 3))
+    boxes = np.stack([lo[:, 0], lo[:, 0] + 4, lo[:, 1], lo[:, 1] + 3, lo[:, 2], lo[:, 2] + 2], 1)
+    assert np.array_equal(B.mirror_boxes(B.mirror_boxes(boxes, shape), shape), boxes)
+    # IoU is preserved when both boxes are mirrored
+    a, b = boxes[:25], boxes[25:]
+    assert np.allclose(B.iou_3d(a, b), B.iou_3d(B.mirror_boxes(a, shape), B.mirror_boxes(b, shape)))
+
+
+def test_mirror_text_boxes_rewrites_voxel_boxes_only():
+    text = "x\nLocation: <|box_start|>[1, 3, 4, 5, 6, 7]<|box_end|>\nFinal diagnosis: {}"
+    assert B.mirror_text_boxes(text, (10, 20, 30)) == text.replace("[1, 3,", "[6, 8,")
+    odd = "<|box_start|>[1, 2]<|box_end|> <|box_start|>[a, b, c, d, e, f]<|box_end|>"
+    assert B.mirror_text_boxes(odd, (10, 20, 30)) == odd  # left for the scorer to judge
