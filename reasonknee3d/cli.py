@@ -250,11 +250,14 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--png", type=Path, default=None, help="write the three-slice overlay picture here")
     p.add_argument("--prompt", default=None, help="prompt text (default: the project's question wording)")
     p.add_argument("--unconstrained", action="store_true", help="plain greedy decoding, no box/JSON constraints")
+    p.add_argument("--knee-side", choices=("left", "right"), default=None,
+                   help="knee side, for models trained with data.canonical_side when the file name does not end "
+                        "in _left/_right")
 
     def run(a: argparse.Namespace) -> int:
         from .evaluation.infer import infer
         r = infer(a.model, a.volume, a.question_id, gt_box=a.box, png=a.png, prompt=a.prompt,
-                  constrained=not a.unconstrained)
+                  constrained=not a.unconstrained, knee_side=a.knee_side)
         print(r.text)
         print(f"\nbox: {r.box}\nseverity: {r.severity}" + (f"\npicture: {r.png}" if r.png else ""))
         return 0

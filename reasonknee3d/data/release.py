@@ -116,6 +116,15 @@ def volume_id_of(image_path: str | Path) -> str:
     raise ReleaseError(f"image path {str(image_path)!r} does not end in .nii.gz or .nii")
 
 
+def knee_side_of(image_path: str | Path) -> str:
+    """``left`` or ``right`` from a release file name (``<study>_<series>_<side>.nii.gz``)."""
+    side = volume_id_of(image_path).rsplit("_", 1)[-1].lower()
+    if side not in ("left", "right"):
+        raise ReleaseError(f"{image_path}: cannot tell the knee side; expected a release file name ending in "
+                           f"_left.nii.gz or _right.nii.gz")
+    return side
+
+
 def _norm(key: str) -> str:
     return re.sub(r"[\s_\-]+", "", str(key).lower())
 

@@ -55,9 +55,15 @@ class PreprocessConfig:
     """Random intensity scaling: v * (1 + U(-s, s))."""
     intensity_shift: float = 0.1
     """Random intensity offset U(-s, s), in normalized units."""
+    canonical_side: Optional[str] = None
+    """'right' or 'left': mirror the other side's knees along the slice axis, so the medial compartment lies at
+    the same end of axis 0 in every input (sagittal series run patient right -> left for both knees, so
+    medial is at opposite ends for left and right knees). The side comes from the release file name
+    (``..._left.nii.gz``); training boxes are mirrored with the volume and predictions mirrored back, so
+    answers and scores stay in the stored volume's voxels. None keeps every volume as stored."""
 
     # Fields that change the preprocessed array (and so the cache key); the rest only affect training.
-    ARRAY_FIELDS = ("input_shape", "clip_percentiles", "normalization", "interpolation")
+    ARRAY_FIELDS = ("input_shape", "clip_percentiles", "normalization", "interpolation", "canonical_side")
 
     def __post_init__(self) -> None:
         # YAML gives lists; the dataclass is frozen and hashed, so store tuples.
@@ -78,11 +84,26 @@ class PreprocessConfig:
         if self.intensity_scale < 0 or self.intensity_shift < 0:
             raise ValueError(f"intensity_scale / intensity_shift must be >= 0, got "
                              f"{self.intensity_scale} / {self.intensity_shift}")
+        if self.canonical_side not in (None, "left", "right"):
+            raise ValueError(f"canonical_side must be 'left', 'right' or null, got {self.canonical_side!r}")
+
+    def mirrors(self, image_path: str | Path, knee_side: Optional[str] = None) -> bool:
+        """Whether the volume at ``image_path`` is mirrored into the canonical side (side from its file name
+        unless ``knee_side`` is given)."""
+        if self.canonical_side is None:
+            return False
+        if knee_side is None:
+            from .release import knee_side_of
+            knee_side = knee_side_of(image_path)
+        if knee_side not in ("left", "right"):
+            raise ValueError(f"{image_path}: knee side {knee_side!r}, expected 'left' or 'right'")
+        return knee_side != self.canonical_side
 
     def array_settings(self) -> dict[str, Any]:
         """The settings that determine the preprocessed array (JSON-serializable)."""
+        # An unset canonical_side is left out, so caches written before the field existed keep their keys.
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
-                if k in self.ARRAY_FIELDS}
+                if k in self.ARRAY_FIELDS and not (k == "canonical_side" and v is None)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "PreprocessConfig":
@@ -210,8 +231,14 @@ def build_train_augment(cfg: PreprocessConfig, with_mask: bool = False) -> Compo
     ])
 
 
-def preprocess_volume(path: str | Path, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """One volume at model-input size as float32 ``(S, H, W)``, and its loaded shape before resizing."""
+def preprocess_volume(path: str | Path, cfg: PreprocessConfig,
+                      knee_side: Optional[str] = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One volume at model-input size as float32 ``(S, H, W)``, and its loaded shape before resizing.
+
+    With ``cfg.canonical_side`` set, a knee of the other side (``knee_side``, else from the file name) comes
+    back mirrored along axis 0.
+    """
+    mirror = cfg.mirrors(path, knee_side)
     try:
         d = build_preprocess(cfg)({"image": path})
     except RuntimeError as e:
@@ -224,4 +251,5 @@ def preprocess_volume(path: str | Path, cfg: PreprocessConfig) -> tuple[np.ndarr
         raise
     img = d["image"]
     arr = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-    return np.asarray(arr[0], dtype=np.float32), tuple(d["orig_shape"])
+    arr = np.asarray(arr[0], dtype=np.float32)
+    return (np.ascontiguousarray(arr[::-1]) if mirror else arr), tuple(d["orig_shape"])

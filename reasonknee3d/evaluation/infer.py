@@ -36,8 +36,13 @@ class _OneSample:
 @torch.no_grad()
 def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: int,
           gt_box: Optional[Sequence[int]] = None, png: Optional[str | os.PathLike] = None,
-          prompt: Optional[str] = None, constrained: bool = True, max_new_tokens: int = 512) -> InferResult:
-    """Answer question ``question_id`` about the NIfTI ``volume`` with the model in ``model_dir``."""
+          prompt: Optional[str] = None, constrained: bool = True, max_new_tokens: int = 512,
+          knee_side: Optional[str] = None) -> InferResult:
+    """Answer question ``question_id`` about the NIfTI ``volume`` with the model in ``model_dir``.
+
+    ``knee_side`` ('left' / 'right') is needed only when the model was trained with a ``canonical_side`` and the
+    file name does not end in ``_left`` / ``_right``; boxes come back in the stored volume's voxels.
+    """
     from ..attention import select_attn_implementation
     from ..data.io import load_volume
     from ..models.generation import constrained_logits_processors
@@ -54,11 +59,16 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     family = family_of_model_dir(model_dir)
     model, processor = family.load(model_dir, select_attn_implementation("auto"))
     model.eval()
+    mirrored = False
     if family.__class__.__name__ == "SliceFamily":
         from ..models.slice_baseline import SliceCollator, slice_config_of
         batch, _ = SliceCollator(processor, slice_config_of(model), None, train=False).collate([sample])
     else:
-        batch = dict(processor([str(volume)], [sample.prompt], orig_shapes=[meta.shape]))
+        from ..data.transforms import PreprocessConfig, preprocess_volume
+        prep = PreprocessConfig(**{**processor.preprocess, "input_shape": tuple(processor.volume_size)})
+        mirrored = prep.mirrors(volume, knee_side)
+        model_input, _ = preprocess_volume(volume, prep, knee_side)
+        batch = dict(processor([model_input], [sample.prompt], orig_shapes=[meta.shape]))
     tokenizer = processor.tokenizer
     processors = (constrained_logits_processors(tokenizer, [question_id], max_new_tokens,
                                                 num_bins=family.num_bins(model), require_box=True)
@@ -66,6 +76,9 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                logits_processor=processors, pad_token_id=tokenizer.pad_token_id)
     text = family.decode(model, processor, generated[:, batch["input_ids"].shape[1]:], [meta.shape])[0]
+    if mirrored:
+        from ..boxes import mirror_text_boxes
+        text = mirror_text_boxes(text, meta.shape)
     parsed = parse_output(text, spec)
     out_png = None
     if png is not None:

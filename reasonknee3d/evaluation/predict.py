@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 from ..attention import select_attn_implementation
+from ..boxes import mirror_text_boxes
 from .predictions_io import PredictionWriter
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
                                        logits_processor=processors, pad_token_id=tokenizer.pad_token_id)
             width = batch["input_ids"].shape[1]
             texts = family.decode(model, processor, generated[:, width:].cpu(), [info.orig_shape for info in infos])
+            # Boxes of volumes the model saw mirrored (canonical_side) go back to the stored volume's voxels.
+            texts = [mirror_text_boxes(t, info.orig_shape) if info.mirrored else t for t, info in zip(texts, infos)]
             for info, text in zip(infos, texts):
                 written += writer.write({"sample_id": info.sample_id, "question_id": info.question_id,
                                          "output": text})

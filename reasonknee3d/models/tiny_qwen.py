@@ -60,6 +60,9 @@ class TinyQwenSizes:
     """Text attention heads [16]; head_dim = hidden_size / heads."""
     num_key_value_heads: int = 2
     """Text key/value heads (GQA) [2]."""
+    rope_theta: float = 1000000.0
+    """Rotary base [1e6]. A tiny head_dim leaves only a few rotary frequencies; a smaller base keeps more of
+    them fast enough to tell nearby positions apart."""
     max_position_embeddings: int = 8192
     """Longest sequence the rotary tables are sized for [128000]."""
     vision_hidden_size: int = 32
@@ -187,7 +190,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, corpus: Optional[Iterable[
             vocab_size=vocab_rows, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
             num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
             num_key_value_heads=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": float(s.rope_theta),
                              "mrope_section": mrope_section(head_dim)},
             bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
             tie_word_embeddings=True),

@@ -59,6 +59,10 @@ class Family(abc.ABC):
     def new_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
         """Ids of tokens the family added to the tokenizer (their rows train with ``new_token_rows``)."""
 
+    def coord_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
+        """``<|coord_0|>`` .. ``<|coord_{K-1}|>`` ids in bin order (ordinal targets of ``train.coord_label_sigma``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no coordinate tokens")
+
     @abc.abstractmethod
     def train_data(self, exp: ExperimentConfig, model: nn.Module, processor: Any) -> tuple[Dataset, Collate]:
         """(dataset over the preprocessing cache, collator producing padded batches with answer-only labels).
@@ -105,6 +109,8 @@ class SampleInfo:
     orig_shape: tuple[int, int, int]
     has_box: bool
     """Whether the question asks for a region (its reference answer has a Location line)."""
+    mirrored: bool = False
+    """The model saw this volume mirrored along axis 0 (``canonical_side``): its boxes are mirrored back."""
 
 
 class _Items(Dataset):
@@ -165,6 +171,9 @@ class ReasonKnee3DFamily(Family):
 
     def new_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
         # The coordinate tokens; <|volume_pad|> rows are replaced by volume features and never read.
+        return self.coord_token_ids(model, processor)
+
+    def coord_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
         return list(model.config.coord_token_ids or [])
 
     def _dataset(self, data_dir: str | Path, split: str, prep: Any, train: bool) -> Dataset:
@@ -195,7 +204,7 @@ class ReasonKnee3DFamily(Family):
 
         def collate(items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[SampleInfo]]:
             infos = [SampleInfo(it["sample_id"], int(it["question_id"]), tuple(it["orig_shape"]),
-                                it["box"] is not None) for it in items]
+                                it["box"] is not None, bool(it["mirrored"])) for it in items]
             return batcher(items), infos
         return self._dataset(data_dir, split, prep, train=False), collate
 
@@ -227,6 +236,13 @@ class SliceFamily(Family):
         from transformers import AutoModelForImageTextToText
         return AutoModelForImageTextToText
 
+    def validate_data_config(self, raw: dict[str, Any]) -> Any:
+        prep = super().validate_data_config(raw)
+        if prep.canonical_side is not None:
+            raise ConfigError("data.canonical_side: the slice baseline reads volumes as stored (its frame and "
+                              "feature caches do not mirror); leave it unset for family slice")
+        return prep
+
     def validate_model_config(self, model: dict[str, Any], data: Any, train: TrainConfig) -> None:
         from ..models.slice_baseline import SliceBaselineConfig, check_slice_train_config
         try:
@@ -248,6 +264,9 @@ class SliceFamily(Family):
         return slice_module_paths(model)
 
     def new_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
+        return self.coord_token_ids(model, processor)  # the coordinate tokens are the only added rows
+
+    def coord_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
         from ..models.slice_baseline import new_token_ids, slice_config_of
         return new_token_ids(processor, slice_config_of(model))
 

@@ -30,7 +30,7 @@ from ..attention import select_attn_implementation
 from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
 from .config import ExperimentConfig, TrainConfig, save_experiment_config
-from .stages import describe_trainable, setup_trainable
+from .stages import describe_trainable, setup_trainable, unwrap_base
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +197,14 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     with args.main_process_first(desc="preprocessing cache"):
         dataset, collator = family.train_data(exp, model, processor)
     lengths = family.train_lengths(dataset) if exp.train.group_by_length else None
+    loss_func = None
+    if exp.train.coord_label_sigma > 0:
+        from .losses import CoordinateSmoothedLoss
+        loss_func = CoordinateSmoothedLoss(family.coord_token_ids(unwrap_base(model), processor),
+                                           exp.train.coord_label_sigma)
     trainer = ReasonKneeTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=processor, experiment=exp, train_lengths=lengths,
+        processing_class=processor, experiment=exp, train_lengths=lengths, compute_loss_func=loss_func,
         base_model_dir=base_dir if uses_lora else None,
         callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks])
     trainer.remove_callback(ProgressCallback)

@@ -33,7 +33,8 @@ def test_items_read_only_the_cache(cached, monkeypatch):
     assert len(ds) == 6
     item = ds[0]
     s = samples[0]
-    assert item["volume"].shape == (1, 4, 6, 5) and item["volume"].dtype == torch.float32
+    # float16 as cached: the model's patch embedding casts it on its device
+    assert item["volume"].shape == (1, 4, 6, 5) and item["volume"].dtype == torch.float16
     assert (item["prompt"], item["answer"], item["question_id"], item["sample_id"]) == \
         (s.prompt, s.answer, s.question_id, s.sample_id)
     assert item["orig_shape"] == (8, 12, 10)
@@ -79,3 +80,26 @@ def test_workers_get_different_augmentations(cached):
     # Worker 0 serves items 0 and 2, worker 1 items 1 and 3: equal copies of one RandomState would repeat.
     assert not torch.allclose(vols[0], vols[1])
     assert np.isfinite(torch.stack(vols).numpy()).all()
+
+
+def test_canonical_side_mirrors_volume_box_and_answer_of_the_other_knee(release, tmp_path):
+    from reasonknee3d.boxes import mirror_boxes, mirror_text_boxes
+    items = {}
+    for side in (None, "right"):
+        cfg = PreprocessConfig(input_shape=(4, 6, 5), canonical_side=side)
+        assert preprocess_release(release.root, cfg, cache_dir=tmp_path / str(side)).ok
+        samples = list(iter_samples(release.root, "test"))
+        items[side] = (samples, VolumeQADataset(samples, VolumeCache(tmp_path / str(side), cfg)))
+    samples, plain = items[None]
+    _, canon = items["right"]
+    for i, s in enumerate(samples):
+        a, b = plain[i], canon[i]
+        assert b["mirrored"] == (s.knee_side == "left") and not a["mirrored"]
+        if not b["mirrored"]:
+            assert torch.equal(a["volume"], b["volume"]) and a["answer"] == b["answer"] and a["box"] == b["box"]
+            continue
+        assert torch.equal(b["volume"], a["volume"].flip(1))
+        if s.box is not None:
+            assert b["box"] == mirror_boxes(a["box"], (4, 6, 5)).tolist()
+            assert b["answer"] == mirror_text_boxes(a["answer"], (8, 12, 10)) != a["answer"]
+    assert any(s.knee_side == "left" and s.box is not None for s in samples)

@@ -106,3 +106,23 @@ def test_every_shipped_config_has_a_valid_data_section():
     configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
     for path in configs:
         PreprocessConfig.from_yaml(path)  # raises naming the file and key on a bad data: section
+
+
+def test_canonical_side_mirrors_the_other_knee_along_the_slice_axis(release):
+    from reasonknee3d.data.release import ReleaseError
+    from reasonknee3d.data.transforms import PreprocessConfig, preprocess_volume
+    paths = sorted(release.images.values())
+    right = next(p for p in paths if p.name.endswith("_right.nii.gz"))
+    left = next(p for p in paths if p.name.endswith("_left.nii.gz"))
+    plain, canon = PreprocessConfig(input_shape=(4, 6, 5)), PreprocessConfig(input_shape=(4, 6, 5),
+                                                                             canonical_side="right")
+    assert not canon.mirrors(right) and canon.mirrors(left) and not plain.mirrors(left)
+    assert canon.mirrors("anything.nii.gz", knee_side="left")
+    with pytest.raises(ReleaseError, match="knee side"):
+        canon.mirrors("knee.nii.gz")
+    assert np.array_equal(preprocess_volume(left, canon)[0], preprocess_volume(left, plain)[0][::-1])
+    assert np.array_equal(preprocess_volume(right, canon)[0], preprocess_volume(right, plain)[0])
+    # the setting is part of the cache key only when set (caches written before it keep their keys)
+    assert "canonical_side" not in plain.array_settings() and canon.array_settings()["canonical_side"] == "right"
+    with pytest.raises(ValueError, match="canonical_side"):
+        PreprocessConfig(canonical_side="medial")

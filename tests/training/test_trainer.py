@@ -99,3 +99,29 @@ def test_resume_after_kill_reaches_the_same_losses(tmp_path: Path, stage: str) -
     assert resumed.resumed_from.endswith("checkpoint-4") and resumed.global_step == 6
     assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "full"), rel=1e-5)
     assert torch.allclose(_logits(resumed.model), _logits(full.model), atol=1e-5)
+
+
+def test_coord_label_sigma_trains_with_the_smoothed_loss(tmp_path: Path) -> None:
+    # Same seed and data: the first logged loss is the plain CE at sigma 0 and the smoothed loss at sigma 1,
+    # each equal to the loss recomputed on the first batch with the untrained model.
+    from types import SimpleNamespace
+
+    from toy_family import NEW_TOKENS, ToyConfig
+
+    from reasonknee3d.training.losses import CoordinateSmoothedLoss
+
+    first = {}
+    for sigma in (0.0, 1.0):
+        out = tmp_path / f"s{sigma}"
+        run_training(toy_experiment(out, max_steps=1, save_steps=100, coord_label_sigma=sigma,
+                                    per_device_batch_size=24), family=ToyFamily())
+        first[sigma] = _losses(out)[0]
+    torch.manual_seed(42)  # TrainConfig's default seed: the same initial weights as the runs
+    model = ToyModel(ToyConfig())
+    batch = collate([ToyDataset()[i] for i in range(24)])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for sigma, logged in first.items():
+        expect = CoordinateSmoothedLoss(NEW_TOKENS, sigma)(SimpleNamespace(logits=logits), batch["labels"])
+        assert logged == pytest.approx(expect.item(), rel=1e-5, abs=0)
+    assert abs(first[1.0] - first[0.0]) > 1e-4  # near-uniform coordinate logits at init: a small gap

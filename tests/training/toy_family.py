@@ -134,6 +134,9 @@ class ToyFamily(Family):
     def new_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
         return list(NEW_TOKENS)
 
+    def coord_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
+        return list(NEW_TOKENS)  # stand-ins for <|coord_0..3|>
+
     def train_data(self, exp: ExperimentConfig, model: nn.Module, processor: Any) -> tuple[Dataset, Any]:
         return ToyDataset(self.n_samples), collate
 
