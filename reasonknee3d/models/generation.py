@@ -19,6 +19,7 @@ so the severity processor expects exactly one row per question id (repeat ids fo
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -96,14 +97,6 @@ def _keep_only(scores: torch.FloatTensor, row: int, allowed: torch.Tensor) -> No
     scores[row, allowed] = kept
 
 
-def _single_token(tokenizer: Any, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ValueError(f"grade {text!r} is {len(ids)} tokens {ids} for this tokenizer; constrained severity "
-                         "decoding needs every grade to be a single token")
-    return ids[0]
-
-
 class SeverityJSONLogitsProcessor(LogitsProcessor, _PromptTracker):
     """Forces each row's answer to end in the schema-valid diagnosis of its question, then ``<|im_end|>``.
 
@@ -140,6 +133,19 @@ class SeverityJSONLogitsProcessor(LogitsProcessor, _PromptTracker):
     def _fixed(self, text: str) -> list[torch.Tensor]:
         return [torch.tensor([t]) for t in self._encode(text)]
 
+    def _grade_slot(self, text: str, grades: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Tokens of ``text`` and the one token per grade after them, split as the tokenizer splits
+        ``text + grade`` inside a training answer: Qwen's BPE gives ``' '``, ``'0'`` but a byte-level BPE may
+        glue the space to the digit (``' 0'``); forcing the wrong split puts the model off its training
+        distribution exactly where it chooses the grade."""
+        seqs = [self._encode(text + str(g)) for g in grades]
+        n = min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 1)
+        bad = [g for g, s in zip(grades, seqs) if len(s) != n + 1]
+        if bad:
+            raise ValueError(f"grades {bad} after {text!r} are more than one token for this tokenizer; constrained "
+                             "severity decoding needs every grade to be a single token")
+        return seqs[0][:n], [s[n] for s in seqs]
+
     def template(self, question_id: int, kind: str) -> list[torch.Tensor]:
         """Slots of the forced tail: ``body`` (after the model's own prefix), ``full`` or ``full_box``."""
         key = (question_id, kind)
@@ -149,14 +155,13 @@ class SeverityJSONLogitsProcessor(LogitsProcessor, _PromptTracker):
             if kind == "full_box":
                 slots += self._fixed(f"\n{LOCATION_PREFIX} ") + [torch.tensor([self.box_start_id])]
                 slots += [self.coord_ids] * 6 + [torch.tensor([self.box_end_id])]
-            if kind != "body":
-                slots += self._fixed(f"\n{DIAGNOSIS_PREFIX}")
             # Same JSON spelling as answer.diagnosis_json (json.dumps separators), so training targets match.
-            text = " {" + json.dumps(spec.finding_key, ensure_ascii=False) + ": {"
+            text = ("" if kind == "body" else f"\n{DIAGNOSIS_PREFIX}") + " {" + \
+                json.dumps(spec.finding_key, ensure_ascii=False) + ": {"
             for i, f in enumerate(spec.fields):
                 text += (", " if i else "") + json.dumps(f.key, ensure_ascii=False) + ": "
-                slots += self._fixed(text)
-                slots.append(torch.tensor([_single_token(self.tokenizer, str(g)) for g in f.grades]))
+                fixed, choices = self._grade_slot(text, f.grades)
+                slots += [torch.tensor([t]) for t in fixed] + [torch.tensor(choices)]
                 text = ""
             slots += self._fixed("}}") + [self.end_ids[:1]]
             self._templates[key] = slots

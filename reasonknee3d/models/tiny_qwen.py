@@ -145,13 +145,23 @@ def default_corpus() -> list[str]:
     return texts
 
 
+# The split pattern of the Qwen2 / Qwen2.5 tokenizer.json pre-tokenizer.
+QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def _train_tokenizer(corpus: Iterable[str], vocab_size: int):
     """Byte-level BPE (like Qwen's) wrapped as a transformers fast tokenizer with Qwen's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Qwen2's pre-tokenizer: its split pattern (digits one by one, a space before a digit on its own), then
+    # byte-level. Token boundaries then fall where the real tokenizer puts them, e.g. ": 0" -> ":", " ", "0",
+    # which the constrained severity decoding relies on.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)

@@ -90,7 +90,7 @@ def _lesion_sized_boxes(shape, n=500, seed=0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name,shape", [("rk3d_qwen2.5vl_3b.yaml", (160, 384, 384)),
-                                        ("tiny_3d.yaml", (32, 64, 64)), ("tiny_3d.yaml", (40, 96, 96))])
+                                        ("tiny_3d.yaml", (32, 64, 64))])
 def test_configured_bins_keep_box_round_trip_iou_above_098(name, shape):
     k = yaml.safe_load((CONFIGS / name).read_text())["model"]["num_bins"]
     boxes = _lesion_sized_boxes(shape)

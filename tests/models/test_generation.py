@@ -160,3 +160,40 @@ def test_random_weight_model_generates_only_parseable_answers(rk3d_dir):
     texts = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], orig_shapes=[(8, 16, 16)] * len(qids))
     _check_parses(texts, qids, need_box)
     assert all(text.count(DIAGNOSIS_PREFIX) >= 1 for text in texts)
+
+
+def _byte_level_bpe(qwen_split: bool):
+    """A small BPE on the package corpus: Qwen's pre-tokenizer, or plain byte-level (space glued to digits)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from reasonknee3d.models.tiny_qwen import QWEN2_SPLIT_PATTERN, default_corpus
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not qwen_split)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), "isolated"),
+                                                  byte_level]) if qwen_split else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_tokens(["<|im_end|>", "<|endoftext|>", BOX_START, BOX_END], special_tokens=True)
+    return fast
+
+
+@pytest.mark.parametrize("qwen_split", [True, False])
+def test_forced_diagnosis_tail_is_tokenized_like_the_training_answer(qwen_split):
+    # Training tokenizes the whole answer; the forced tail must pick the same tokens, or the model chooses the
+    # grade from a context it never saw (a byte-level BPE glues the space to the digit: ' 0').
+    from reasonknee3d.answer import diagnosis_json
+    tok = _byte_level_bpe(qwen_split)
+    glued = len(tok(": 0", add_special_tokens=False).input_ids) == 2
+    assert glued != qwen_split
+    for qid in (1, 44, 62):
+        spec = get_question(qid)
+        proc = SeverityJSONLogitsProcessor(tok, [qid], 300)
+        grades = {f.key: f.grades[-1] for f in spec.fields}
+        expect = tok("\n" + DIAGNOSIS_PREFIX + " " + diagnosis_json(spec, grades) + "<|im_end|>",
+                     add_special_tokens=False).input_ids
+        slots = proc.template(qid, "full")
+        assert len(slots) == len(expect)
+        assert all(int(t) in slot.tolist() for t, slot in zip(expect, slots))
