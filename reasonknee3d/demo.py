@@ -30,11 +30,11 @@ class DemoSettings:
     """(S, H, W) of each synthetic volume (the tiny configs' model input size)."""
     seed: int = 0
     """Seed of the synthetic release and of training."""
-    max_steps: int = 700
+    max_steps: int = 900
     """Optimizer steps per family."""
     batch_size: int = 8
     """Training batch size per family."""
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     """Peak learning rate (cosine schedule) for both families."""
     max_new_tokens: int = 256
     """Generation budget per answer (the synthetic answers need at most about 170 tokens)."""

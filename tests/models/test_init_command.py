@@ -36,7 +36,8 @@ def test_init_rejects_unknown_families_and_bad_model_sections(tmp_path, capsys):
     assert main(["init", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "family must be 3d or slice, got '2d'" in capsys.readouterr().err
     raw = yaml.safe_load(TINY.read_text())
-    raw["model"]["projector"]["pool_kernel"] = [3, 2, 2]  # 8 depth patches are not divisible by 3
+    # 8 depth patches are not divisible by 3
+    raw["model"]["projector"] = {"projector_type": "pool3d_mlp", "pool_kernel": [3, 2, 2]}
     bad.write_text(yaml.safe_dump(raw))
     assert main(["init", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "not divisible by pool_kernel" in capsys.readouterr().err
