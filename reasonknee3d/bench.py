@@ -434,7 +434,8 @@ def measure_cache(exp3d_real: Any, work_dir: Path, repeats: int = 5) -> dict[str
             "cache_load_s": r["cache_load_s"],
             "settings": {"config": exp3d_real.source, "shape": r["shape"], "input_shape": r["input_shape"],
                          "repeats": r["repeats"], "volume": "random int16 NIfTI (.nii.gz)",
-                         "cache_read": "float16 .npy (memory-mapped) -> float32 array"}}
+                         "cache_read": "float16 .npy -> in-memory float16 tensor (VolumeCache.read_tensor, what "
+                                       "the Dataset does; the model casts on its device)"}}
 
 
 def write_score_inputs(n_lines: int, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -648,9 +649,9 @@ def limits(d: dict[str, Any]) -> dict[str, str]:
         "train_step_flops_ratio_real_size": f"counted, not timed: the real ViT-B encoder over 9,216 patches is "
                                             f"{100 * real['encoder_share_3d']:.0f} % of the 3D step's FLOPs; causal "
                                             f"attention at half, activation checkpointing and LoRA not counted",
-        "cache_speedup": "the NIfTI side is gzip decoding + resampling; the cache side copies the whole cached "
-                         f"float16 array to float32 ({'x'.join(map(str, d['cache']['settings']['input_shape']))}), "
-                         "so it is bound by memory bandwidth at real input size",
+        "cache_speedup": "the NIfTI side is gzip decoding + resampling; the cache side is one read of the "
+                         f"float16 array ({'x'.join(map(str, d['cache']['settings']['input_shape']))}) from the page "
+                         "cache into memory, bound by memory bandwidth (a cold disk read is slower)",
         "score_rate": "pure-Python parsing of each output on one core; report writing without plots",
         "kv_cache_speedup": "tiny model: per-token Python overhead of generate bounds the cached rate; the gain "
                             "grows with the number of generated tokens",
