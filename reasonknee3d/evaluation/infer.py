@@ -76,7 +76,7 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                logits_processor=processors, pad_token_id=tokenizer.pad_token_id)
     text = family.decode(model, processor, generated[:, batch["input_ids"].shape[1]:], [meta.shape])[0]
-    if mirrored:
+    if mirrored:  # the model saw this knee in the canonical side's frame
         from ..boxes import mirror_text_boxes
         text = mirror_text_boxes(text, meta.shape)
     parsed = parse_output(text, spec)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from ..boxes import coord_tokens_to_text, voxel_text_to_coord_tokens
+from ..boxes import coord_tokens_to_text, mirror_text_boxes, voxel_text_to_coord_tokens
 from ..constants import VISION_END, VISION_START, VOLUME_PAD
 from .chat import decode_answer, encode_example, pad_examples
 
@@ -101,18 +101,32 @@ class ReasonKnee3DProcessor(ProcessorMixin):
             data["labels"] = labels
         return BatchFeature(data=data)
 
+    def mirrors(self, volume: VolumeInput) -> bool:
+        """Whether loading ``volume`` mirrors it (a path of the non-canonical knee side when the saved
+        preprocessing has ``canonical_side``); pass the flags to ``batch_decode(mirrored=...)``. Arrays are
+        taken as given."""
+        if not isinstance(volume, (str, Path)) or not self.preprocess.get("canonical_side"):
+            return False
+        from ..data.transforms import PreprocessConfig
+        return PreprocessConfig(**{**self.preprocess, "input_shape": tuple(self.volume_size)}).mirrors(volume)
+
     def batch_decode(self, sequences: torch.Tensor | Sequence[Sequence[int]],
-                     orig_shapes: Optional[Sequence[Sequence[int]]] = None) -> list[str]:
+                     orig_shapes: Optional[Sequence[Sequence[int]]] = None,
+                     mirrored: Optional[Sequence[bool]] = None) -> list[str]:
         """Generated ids (prompt removed) -> answer texts with voxel boxes of each ``orig_shape``.
 
         Text stops at the first ``<|im_end|>`` / ``<|endoftext|>``; coordinate-token boxes become
         ``<|box_start|>[a0_min, ...]<|box_end|>`` in the original volume (default: ``volume_size``).
+        Rows flagged in ``mirrored`` (``self.mirrors`` of their input) get their boxes mirrored back.
         """
         shapes = orig_shapes or [self.volume_size] * len(sequences)
-        if len(shapes) != len(sequences):
-            raise ValueError(f"{len(sequences)} sequences but {len(shapes)} orig_shapes")
-        return [coord_tokens_to_text(decode_answer(self.tokenizer, [int(t) for t in seq]), shape, self.num_bins)
-                for seq, shape in zip(sequences, shapes)]
+        flags = list(mirrored) if mirrored is not None else [False] * len(sequences)
+        if len(shapes) != len(sequences) or len(flags) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(shapes)} orig_shapes and {len(flags)} "
+                             "mirrored flags")
+        texts = [coord_tokens_to_text(decode_answer(self.tokenizer, [int(t) for t in seq]), shape, self.num_bins)
+                 for seq, shape in zip(sequences, shapes)]
+        return [mirror_text_boxes(t, shape) if flag else t for t, shape, flag in zip(texts, shapes, flags)]
 
     def decode(self, sequence: torch.Tensor | Sequence[int], orig_shape: Optional[Sequence[int]] = None) -> str:
         return self.batch_decode([sequence], None if orig_shape is None else [orig_shape])[0]

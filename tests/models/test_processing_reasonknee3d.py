@@ -77,3 +77,25 @@ def test_paths_are_preprocessed_with_the_saved_settings(processor, tmp_path):
 def test_wrong_volume_shape_names_both_shapes(processor):
     with pytest.raises(ValueError, match=r"\(1, 9, 16, 16\).*\(8, 16, 16\)"):
         processor(torch.randn(1, 1, 9, 16, 16), ["q"])
+
+
+def test_canonical_side_paths_are_mirrored_and_decoded_back(processor, tmp_path):
+    import copy
+
+    from reasonknee3d.boxes import box_to_coord_tokens
+    arr = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    paths = {}
+    for side in ("left", "right"):
+        paths[side] = tmp_path / f"1.2_3.4_{side}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, np.diag([0.7, 0.365, 0.365, 1.0])), paths[side])
+    canon = copy.deepcopy(processor)
+    canon.preprocess = {**processor.preprocess, "canonical_side": "right"}
+    assert [canon.mirrors(paths["left"]), canon.mirrors(paths["right"])] == [True, False]
+    assert not processor.mirrors(paths["left"]) and not canon.mirrors(arr)
+    left, _ = canon.load_volume(paths["left"])
+    right, _ = canon.load_volume(paths["right"])
+    assert torch.equal(left, right.flip(1))
+    ids = processor.tokenizer(box_to_coord_tokens([1, 2, 0, 15, 3, 4], (8, 16, 16), 16),
+                              add_special_tokens=False).input_ids
+    texts = canon.batch_decode([ids, ids], orig_shapes=[(8, 16, 16)] * 2, mirrored=[True, False])
+    assert texts == ["<|box_start|>[5, 6, 0, 15, 3, 4]<|box_end|>", "<|box_start|>[1, 2, 0, 15, 3, 4]<|box_end|>"]
