@@ -64,8 +64,8 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
         from ..models.slice_baseline import SliceCollator, slice_config_of
         batch, _ = SliceCollator(processor, slice_config_of(model), None, train=False).collate([sample])
     else:
-        from ..data.transforms import PreprocessConfig, preprocess_volume
-        prep = PreprocessConfig(**{**processor.preprocess, "input_shape": tuple(processor.volume_size)})
+        from ..data.transforms import preprocess_volume
+        prep = processor.preprocess_config()
         mirrored = prep.mirrors(volume, knee_side)
         model_input, _ = preprocess_volume(volume, prep, knee_side)
         batch = dict(processor([model_input], [sample.prompt], orig_shapes=[meta.shape]))

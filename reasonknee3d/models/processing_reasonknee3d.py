@@ -11,7 +11,7 @@ with the processor so a model directory always knows how its inputs were made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from transformers import BatchFeature, ProcessorMixin
 from ..boxes import coord_tokens_to_text, mirror_text_boxes, voxel_text_to_coord_tokens
 from ..constants import VISION_END, VISION_START, VOLUME_PAD
 from .chat import decode_answer, encode_example, pad_examples
+
+if TYPE_CHECKING:
+    from ..data.transforms import PreprocessConfig
 
 Shape = tuple[int, int, int]
 VolumeInput = torch.Tensor | np.ndarray | str | Path
@@ -49,6 +52,11 @@ class ReasonKnee3DProcessor(ProcessorMixin):
         """The expanded placeholder string put before the prompt in the user turn."""
         return VISION_START + VOLUME_PAD * self.num_visual_tokens + VISION_END
 
+    def preprocess_config(self) -> "PreprocessConfig":
+        """The data layer's ``PreprocessConfig`` this processor's model was trained with."""
+        from ..data.transforms import PreprocessConfig
+        return PreprocessConfig(**{**self.preprocess, "input_shape": tuple(self.volume_size)})
+
     def load_volume(self, volume: VolumeInput) -> tuple[torch.Tensor, Shape]:
         """One volume as a ``(1, S, H, W)`` float tensor at ``volume_size`` and the shape its boxes refer to.
 
@@ -59,9 +67,8 @@ class ReasonKnee3DProcessor(ProcessorMixin):
         the loaded array's. An array must already be preprocessed to ``volume_size``.
         """
         if isinstance(volume, (str, Path)):
-            from ..data.transforms import PreprocessConfig, preprocess_volume
-            cfg = PreprocessConfig(**{**self.preprocess, "input_shape": tuple(self.volume_size)})
-            arr, orig_shape = preprocess_volume(volume, cfg)
+            from ..data.transforms import preprocess_volume
+            arr, orig_shape = preprocess_volume(volume, self.preprocess_config())
             return torch.from_numpy(arr)[None], tuple(orig_shape)
         t = torch.as_tensor(volume)
         if not t.is_floating_point():
@@ -107,8 +114,7 @@ class ReasonKnee3DProcessor(ProcessorMixin):
         taken as given."""
         if not isinstance(volume, (str, Path)) or not self.preprocess.get("canonical_side"):
             return False
-        from ..data.transforms import PreprocessConfig
-        return PreprocessConfig(**{**self.preprocess, "input_shape": tuple(self.volume_size)}).mirrors(volume)
+        return self.preprocess_config().mirrors(volume)
 
     def batch_decode(self, sequences: torch.Tensor | Sequence[Sequence[int]],
                      orig_shapes: Optional[Sequence[Sequence[int]]] = None,

@@ -197,9 +197,7 @@ class ReasonKnee3DFamily(Family):
 
     def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path,
                      split: str) -> tuple[Dataset, PredictCollate]:
-        from ..data.transforms import PreprocessConfig
-        # The processor stores the preprocessing its model was trained with.
-        prep = PreprocessConfig(**{**processor.preprocess, "input_shape": tuple(processor.volume_size)})
+        prep = processor.preprocess_config()  # the preprocessing its model was trained with
         batcher = _VolumeBatcher(processor, with_answers=False)
 
         def collate(items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[SampleInfo]]:
