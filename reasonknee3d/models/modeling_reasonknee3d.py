@@ -369,6 +369,11 @@ def validate_model_section(model: dict[str, Any], input_shape: Sequence[int]) ->
     lm = model.get("language_model")
     if not isinstance(lm, dict) or len(lm) != 1 or next(iter(lm)) not in ("path", "tiny"):
         raise ValueError(f"model.language_model must be {{path: DIR}} or {{tiny: {{sizes}}}}, got {lm!r}")
+    for key, cls in (("encoder", VolumeEncoderConfig), ("projector", ProjectorConfig)):
+        # PreTrainedConfig keeps unknown keyword arguments as attributes: a typo would be ignored silently.
+        typos = sorted(set(model.get(key) or {}) - set(cls.__annotations__))
+        if typos:
+            raise ValueError(f"model.{key}.{typos[0]}: unknown key; expected some of {list(cls.__annotations__)}")
     encoder = dict(model.get("encoder") or {})
     if "input_size" in encoder and list(encoder["input_size"]) != list(input_shape):
         raise ValueError(f"model.encoder.input_size {encoder['input_size']} differs from data.input_shape "

@@ -57,6 +57,15 @@ def test_every_3d_experiment_config_validates(path):
     validate_model_section(raw["model"], raw["data"]["input_shape"])
 
 
+@pytest.mark.parametrize("section, key", [("encoder", "patch"), ("projector", "pool")])
+def test_a_misspelled_encoder_or_projector_key_is_an_error(section, key):
+    # PreTrainedConfig would keep the typo as an attribute and build the default model instead.
+    raw = yaml.safe_load((CONFIGS / "tiny_3d.yaml").read_text())
+    raw["model"].setdefault(section, {})[key] = [1, 2, 2]
+    with pytest.raises(ValueError, match=rf"model\.{section}\.{key}: unknown key; expected some of"):
+        validate_model_section(raw["model"], raw["data"]["input_shape"])
+
+
 def _visual_tokens(path: Path) -> int:
     raw = yaml.safe_load(path.read_text())
     kw = validate_model_section(raw["model"], raw["data"]["input_shape"])
