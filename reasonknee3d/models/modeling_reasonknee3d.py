@@ -28,6 +28,7 @@ from ..constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
 from ..io_utils import atomic_dir
 from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig
 from .projector import PROJECTORS, build_projector
+from .tiny_qwen import TinyQwenSizes, build_tiny_qwen2_5_vl
 from .volume_encoder import VolumeEncoder
 
 Grid = tuple[int, int, int]
@@ -369,6 +370,8 @@ def validate_model_section(model: dict[str, Any], input_shape: Sequence[int]) ->
     lm = model.get("language_model")
     if not isinstance(lm, dict) or len(lm) != 1 or next(iter(lm)) not in ("path", "tiny"):
         raise ValueError(f"model.language_model must be {{path: DIR}} or {{tiny: {{sizes}}}}, got {lm!r}")
+    if "tiny" in lm:
+        TinyQwenSizes.check(lm["tiny"], where="model.language_model.tiny")
     for key, cls in (("encoder", VolumeEncoderConfig), ("projector", ProjectorConfig)):
         # PreTrainedConfig keeps unknown keyword arguments as attributes: a typo would be ignored silently.
         typos = sorted(set(model.get(key) or {}) - set(cls.__annotations__))
@@ -396,7 +399,6 @@ def build_reasonknee3d(model: dict[str, Any], data: Any) -> tuple[ReasonKnee3DFo
     settings stored in the processor.
     """
     from ..data.transforms import PreprocessConfig
-    from .tiny_qwen import build_tiny_qwen2_5_vl
 
     prep = data if isinstance(data, PreprocessConfig) else PreprocessConfig.from_dict(data or {}, where="data")
     kwargs = validate_model_section(model, prep.input_shape)

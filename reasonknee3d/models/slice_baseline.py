@@ -99,6 +99,9 @@ class SliceBaselineConfig:
             raise ValueError(f"model.language_model must be {{path: DIR}} or {{tiny: {{sizes}}}}, got {lm!r}")
         if "tiny" in lm and not isinstance(lm["tiny"] or {}, Mapping):
             raise ValueError(f"model.language_model.tiny must be a mapping of sizes, got {lm['tiny']!r}")
+        if "tiny" in lm:
+            from .tiny_qwen import TinyQwenSizes
+            TinyQwenSizes.check(lm["tiny"], where="model.language_model.tiny")
         if self.num_bins < 2:
             raise ValueError(f"model.num_bins must be >= 2, got {self.num_bins}")
         if self.num_frames is not None and self.num_frames < 1:

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from ..answer import diagnosis_json
 from ..boxes import box_to_text
@@ -107,6 +107,14 @@ class TinyQwenSizes:
         if unknown:
             raise ValueError(f"unknown tiny Qwen size(s) {unknown}; expected some of {sorted(known)}")
         return cls(**sizes)
+
+    @classmethod
+    def check(cls, sizes: Any, where: str) -> None:
+        """Raise ValueError naming ``where`` when ``sizes`` (a config mapping) holds an unknown or bad size."""
+        try:
+            cls.from_dict(dict(sizes or {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 def mrope_section(head_dim: int) -> list[int]:

@@ -66,6 +66,13 @@ def test_a_misspelled_encoder_or_projector_key_is_an_error(section, key):
         validate_model_section(raw["model"], raw["data"]["input_shape"])
 
 
+@pytest.mark.parametrize("config", ["tiny_3d.yaml", "tiny_slice.yaml"])
+def test_a_misspelled_tiny_language_model_size_is_a_config_error(config):
+    from reasonknee3d.training.config import ConfigError, load_experiment_config
+    with pytest.raises(ConfigError, match=r"model\.language_model\.tiny: unknown tiny Qwen size\(s\) \['hiden_size'\]"):
+        load_experiment_config(CONFIGS / config, ["model.language_model.tiny.hiden_size=64"])
+
+
 def _visual_tokens(path: Path) -> int:
     raw = yaml.safe_load(path.read_text())
     kw = validate_model_section(raw["model"], raw["data"]["input_shape"])
