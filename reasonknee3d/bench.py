@@ -300,7 +300,10 @@ def _trainable(family_name: str, exp: Any) -> tuple[Any, Any, torch.optim.Optimi
 
 
 def _step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> float:
-    loss = model(**batch).loss
+    from .training.losses import answer_logits_only
+
+    # The trainer's step: logits only over the answer columns.
+    loss = model(**answer_logits_only(batch)).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -30,6 +30,7 @@ from ..attention import select_attn_implementation
 from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
 from .config import ExperimentConfig, TrainConfig, save_experiment_config
+from .losses import CoordinateSmoothedLoss, answer_logits_only, takes_logits_to_keep
 from .stages import describe_trainable, setup_trainable, unwrap_base
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class ReasonKneeTrainer(Trainer):
         self.train_lengths = list(train_lengths) if train_lengths is not None else None
         self.base_model_dir = base_model_dir
         self.meter = ThroughputMeter(world_size=max(1, self.args.world_size))
+        self._cut_logits: Optional[bool] = None
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.train_lengths is not None:
@@ -98,6 +100,15 @@ class ReasonKneeTrainer(Trainer):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=self.train_lengths)
         return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[Any] = None) -> Any:
+        # Logits only over the answer columns (losses.answer_logits_only): same loss, far less memory.
+        if self._cut_logits is None:
+            self._cut_logits = takes_logits_to_keep(self.accelerator.unwrap_model(model))
+        if self._cut_logits:
+            inputs = answer_logits_only(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         start = time.perf_counter()
@@ -199,7 +210,6 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     lengths = family.train_lengths(dataset) if exp.train.group_by_length else None
     loss_func = None
     if exp.train.coord_label_sigma > 0:
-        from .losses import CoordinateSmoothedLoss
         loss_func = CoordinateSmoothedLoss(family.coord_token_ids(unwrap_base(model), processor),
                                            exp.train.coord_label_sigma)
     trainer = ReasonKneeTrainer(

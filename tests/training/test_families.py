@@ -84,3 +84,34 @@ def _check_loss_only_on_answers(run: Path) -> None:
         ids = batch["input_ids"][row][labels != IGNORE_INDEX]
         assert torch.equal(ids, labels[labels != IGNORE_INDEX])
 
+
+
+@pytest.mark.parametrize("config", ["tiny_3d.yaml", "tiny_slice.yaml"])
+def test_answer_only_logits_give_the_same_loss_and_gradients(tmp_path: Path, release: Path, config: str) -> None:
+    from reasonknee3d.training.families import get_family
+    from reasonknee3d.training.losses import answer_logits_only, takes_logits_to_keep
+
+    exp = load_experiment_config(CONFIGS / config, [f"train.data_dir={release}", f"train.output_dir={tmp_path}"])
+    family = get_family(exp.family)
+    torch.manual_seed(0)
+    model, processor = family.build(exp, "sdpa")
+    dataset, collate = family.train_data(exp, model, processor)
+    batch = collate([dataset[i] for i in range(3)])
+    assert takes_logits_to_keep(model)  # so the trainer and the bench cut its logits
+    cut = answer_logits_only(batch)
+    assert 0 < cut["logits_to_keep"] < batch["labels"].shape[1]  # the volume and the prompt are cut off
+
+    def loss_and_grad(b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        out = model(**b)
+        out.loss.backward()
+        return out.loss.detach(), out.logits.shape[1], model.get_output_embeddings().weight.grad.clone()
+
+    full_loss, full_len, full_grad = loss_and_grad(batch)
+    loss, kept, grad = loss_and_grad(cut)
+    assert full_len == batch["labels"].shape[1] and kept == cut["logits_to_keep"]
+    torch.testing.assert_close(loss, full_loss)
+    torch.testing.assert_close(grad, full_grad)
+    # Nothing to cut: a batch without labels, or one that already chooses its logits, is left alone.
+    assert answer_logits_only({k: v for k, v in batch.items() if k != "labels"}).keys() == batch.keys() - {"labels"}
+    assert answer_logits_only({**batch, "logits_to_keep": 1})["labels"] is batch["labels"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from reasonknee3d.constants import IGNORE_INDEX
-from reasonknee3d.training.losses import CoordinateSmoothedLoss, gaussian_bin_targets
+from reasonknee3d.training.losses import CoordinateSmoothedLoss, gaussian_bin_targets, takes_logits_to_keep
 
 COORD = [10, 11, 12, 13]  # ids of bins 0..3 in a vocabulary of 16
 
@@ -65,3 +65,16 @@ def test_near_misses_cost_less_than_far_ones():
 def test_bad_settings_are_refused(ids, sigma):
     with pytest.raises(ValueError):
         CoordinateSmoothedLoss(ids, sigma)
+
+
+def test_models_without_logits_to_keep_are_not_cut():
+    # A researcher's model whose forward has no logits_to_keep gets full logits (the trainer checks first).
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, labels=None, **kwargs):
+            return input_ids
+
+    class Cuts(Plain):
+        def forward(self, input_ids, labels=None, logits_to_keep=0, **kwargs):
+            return input_ids
+
+    assert not takes_logits_to_keep(Plain()) and takes_logits_to_keep(Cuts())
