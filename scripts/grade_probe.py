@@ -1,0 +1,100 @@
+"""Does a 3D-native checkpoint read lesions from the volume? A teacher-forced probe of its grade decision.
+
+    python scripts/grade_probe.py --model CKPT --data RELEASE [--split test] [--limit N] [--shuffle-volumes]
+
+For each sample the reference answer is fed up to its first field's grade (e.g. ``Size of BML (including
+cyst):``) and the score is 1 - P(first token of that field's grade-0 wording). The script prints, per
+question category, the ROC AUC of this score for "grade > 0". Within one category the question prior cannot
+separate the samples, so an AUC near 0.5 means the grade does not depend on the image. ``--shuffle-volumes``
+pairs every sample with another sample's volume: a model that reads the image loses its AUC.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from reasonknee3d.evaluation.parsing import parse_output
+from reasonknee3d.prompts import grade_description
+from reasonknee3d.schema import get_question
+from reasonknee3d.training.families import ReasonKnee3DFamily, family_of_model_dir
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> Optional[float]:
+    """Mann-Whitney ROC AUC (ties count half); None unless both classes are present."""
+    y = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(np.asarray(scores, dtype=float))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optional[int] = None,
+                shuffle_volumes: bool = False, batch_size: int = 16) -> dict[str, dict[str, Any]]:
+    """``{category: {"n", "abnormal", "auc"}}`` of the first-field grade decision (see the module text)."""
+    family = family_of_model_dir(model_dir)
+    if not isinstance(family, ReasonKnee3DFamily):
+        raise SystemExit(f"{model_dir}: grade_probe reads 3D-native checkpoints; this one is {type(family).__name__}")
+    model, processor = family.load(model_dir, "sdpa")
+    model.eval()
+    dataset, _ = family.predict_data(model, processor, data_dir, split)
+    tokenizer = processor.tokenizer
+    items, targets = [], []
+    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+        item = dict(dataset[i])
+        spec = get_question(int(item["question_id"]))
+        field = spec.fields[0].key
+        grade = parse_output(item["answer"], spec).severity[field]
+        cut = item["answer"].index(field + ":") + len(field) + 1
+        prefix = tokenizer(item["answer"][:cut], add_special_tokens=False).input_ids
+        normal = tokenizer(item["answer"][:cut] + " " + grade_description(spec, field, 0),
+                           add_special_tokens=False).input_ids
+        item["answer"] = item["answer"][:cut]
+        items.append(item)
+        targets.append((spec.category, int(grade != 0), normal[len(prefix)]))
+    if shuffle_volumes and len(items) > 1:
+        volumes = [it["volume"] for it in items]
+        for k, it in enumerate(items):
+            it["volume"] = volumes[(k + len(items) // 2) % len(items)]
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch = processor([it["volume"] for it in chunk], [it["prompt"] for it in chunk],
+                              [it["answer"] for it in chunk], orig_shapes=[it["orig_shape"] for it in chunk])
+            logits = model(**batch).logits
+            for row, (_, _, normal_id) in enumerate(targets[start:start + batch_size]):
+                # The last label is <|im_end|>: the logits one column before it predict the token after the prefix.
+                last = int((batch["labels"][row] != -100).nonzero()[-1, 0]) - 1
+                scores.append(1.0 - torch.softmax(logits[row, last].float(), -1)[normal_id].item())
+    by_category: dict[str, tuple[list[int], list[float]]] = collections.defaultdict(lambda: ([], []))
+    for (category, abnormal, _), score in zip(targets, scores):
+        by_category[category][0].append(abnormal)
+        by_category[category][1].append(score)
+    return {c: {"n": len(y), "abnormal": sum(y), "auc": roc_auc(y, s)} for c, (y, s) in sorted(by_category.items())}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--shuffle-volumes", action="store_true")
+    args = parser.parse_args(argv)
+    result = grade_probe(args.model, args.data, args.split, args.limit, args.shuffle_volumes)
+    print(f"{'category':28s} {'n':>5s} {'grade>0':>8s} {'AUC':>6s}")
+    for category, r in result.items():
+        auc = "-" if r["auc"] is None else f"{r['auc']:.3f}"
+        print(f"{category:28s} {r['n']:5d} {r['abnormal']:8d} {auc:>6s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""scripts/grade_probe.py: the AUC by hand, and the probe's per-category counts against the release's grades."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from reasonknee3d.data.synth import write_synthetic_release
+from reasonknee3d.models.modeling_reasonknee3d import build_reasonknee3d, save_model_dir
+from reasonknee3d.schema import get_question
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "grade_probe.py"
+_spec = importlib.util.spec_from_file_location("grade_probe", SCRIPT)
+probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(probe)
+
+
+def test_roc_auc_by_hand():
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of 4 pairs ordered right
+    assert probe.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert probe.roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
+    assert probe.roc_auc([1, 1], [0.1, 0.2]) is None
+
+
+def test_probe_counts_every_sample_and_its_reference_grade(tmp_path: Path, capsys) -> None:
+    shape = (16, 32, 32)
+    release = tmp_path / "release"
+    write_synthetic_release(release, n_volumes=6, shape=shape, seed=1, questions=[1, 30, 44])
+    model, processor = build_reasonknee3d(
+        {"language_model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "bpe_vocab_size": 300}},
+         "encoder": {"patch_size": [4, 8, 8], "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 32}, "num_bins": 32},
+        {"input_shape": list(shape)})
+    model_dir = save_model_dir(model, processor, tmp_path / "model")
+    result = probe.grade_probe(str(model_dir), str(release), "train", batch_size=4)
+
+    rows = json.loads((release / "data" / "generate_data" / "train.json").read_text())
+    expected: dict[str, list[int]] = {}
+    for r in rows:
+        spec = get_question(r["question_id"])
+        grade = next(iter(r["final_diagnosis"].values()))[spec.fields[0].key]
+        expected.setdefault(spec.category, []).append(int(grade != 0))
+    assert {c: (r["n"], r["abnormal"]) for c, r in result.items()} == \
+        {c: (len(y), sum(y)) for c, y in expected.items()}
+    for r in result.values():
+        assert r["auc"] is None or 0.0 <= r["auc"] <= 1.0
+
+    assert probe.main(["--model", str(model_dir), "--data", str(release), "--split", "train", "--limit", "3",
+                       "--shuffle-volumes"]) == 0
+    assert "bone_marrow_lesion" in capsys.readouterr().out
