@@ -97,9 +97,9 @@ class SliceBaselineConfig:
         lm = self.language_model
         if not isinstance(lm, Mapping) or len(lm) != 1 or next(iter(lm)) not in ("path", "tiny"):
             raise ValueError(f"model.language_model must be {{path: DIR}} or {{tiny: {{sizes}}}}, got {lm!r}")
-        if "tiny" in lm and not isinstance(lm["tiny"] or {}, Mapping):
-            raise ValueError(f"model.language_model.tiny must be a mapping of sizes, got {lm['tiny']!r}")
         if "tiny" in lm:
+            if not isinstance(lm["tiny"] or {}, Mapping):
+                raise ValueError(f"model.language_model.tiny must be a mapping of sizes, got {lm['tiny']!r}")
             from .tiny_qwen import TinyQwenSizes
             TinyQwenSizes.check(lm["tiny"], where="model.language_model.tiny")
         if self.num_bins < 2:
