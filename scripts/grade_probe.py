@@ -45,19 +45,27 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
     model.eval()
     dataset, _ = family.predict_data(model, processor, data_dir, split)
     tokenizer = processor.tokenizer
-    items, targets = [], []
+    items, targets, skipped = [], [], []
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         item = dict(dataset[i])
         spec = get_question(int(item["question_id"]))
         field = spec.fields[0].key
         grade = parse_output(item["answer"], spec).severity[field]
-        cut = item["answer"].index(field + ":") + len(field) + 1
+        cut = item["answer"].find(field + ":")
+        if grade is None or cut < 0:
+            # Not in the package's answer format: no "<field>:" reasoning line or no final diagnosis.
+            skipped.append(item["sample_id"])
+            continue
+        cut += len(field) + 1
         prefix = tokenizer(item["answer"][:cut], add_special_tokens=False).input_ids
         normal = tokenizer(item["answer"][:cut] + " " + grade_description(spec, field, 0),
                            add_special_tokens=False).input_ids
         item["answer"] = item["answer"][:cut]
         items.append(item)
         targets.append((spec.category, int(grade != 0), normal[len(prefix)]))
+    if skipped:
+        print(f"grade_probe: skipped {len(skipped)} of {len(skipped) + len(items)} samples whose answer has no "
+              f"'<first field>:' line or no readable final diagnosis, e.g. {skipped[:3]}", file=sys.stderr)
     if shuffle_volumes and len(items) > 1:
         volumes = [it["volume"] for it in items]
         for k, it in enumerate(items):

@@ -17,6 +17,15 @@ probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(probe)
 
 
+def _tiny_model_dir(tmp_path: Path, shape: tuple[int, int, int]) -> Path:
+    model, processor = build_reasonknee3d(
+        {"language_model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "bpe_vocab_size": 300}},
+         "encoder": {"patch_size": [4, 8, 8], "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 32}, "num_bins": 32},
+        {"input_shape": list(shape)})
+    return save_model_dir(model, processor, tmp_path / "model")
+
+
 def test_roc_auc_by_hand():
     # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of 4 pairs ordered right
     assert probe.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
@@ -28,12 +37,7 @@ def test_probe_counts_every_sample_and_its_reference_grade(tmp_path: Path, capsy
     shape = (16, 32, 32)
     release = tmp_path / "release"
     write_synthetic_release(release, n_volumes=6, shape=shape, seed=1, questions=[1, 30, 44])
-    model, processor = build_reasonknee3d(
-        {"language_model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "bpe_vocab_size": 300}},
-         "encoder": {"patch_size": [4, 8, 8], "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "intermediate_size": 32}, "num_bins": 32},
-        {"input_shape": list(shape)})
-    model_dir = save_model_dir(model, processor, tmp_path / "model")
+    model_dir = _tiny_model_dir(tmp_path, shape)
     result = probe.grade_probe(str(model_dir), str(release), "train", batch_size=4)
 
     rows = json.loads((release / "data" / "generate_data" / "train.json").read_text())
@@ -50,3 +54,22 @@ def test_probe_counts_every_sample_and_its_reference_grade(tmp_path: Path, capsy
     assert probe.main(["--model", str(model_dir), "--data", str(release), "--split", "train", "--limit", "3",
                        "--shuffle-volumes"]) == 0
     assert "bone_marrow_lesion" in capsys.readouterr().out
+
+
+def test_answers_in_another_format_are_skipped_and_listed(tmp_path: Path, capsys, monkeypatch) -> None:
+    shape = (16, 32, 32)
+    release = tmp_path / "release"
+    write_synthetic_release(release, n_volumes=4, shape=shape, seed=1, questions=[1])
+    model_dir = _tiny_model_dir(tmp_path, shape)
+    from reasonknee3d.data.dataset import VolumeQADataset
+    original = VolumeQADataset.__getitem__
+
+    def free_text_first(self, index):  # the first sample's answer is prose without field lines
+        item = original(self, index)
+        return {**item, "answer": "No lesion seen."} if index == 0 else item
+
+    monkeypatch.setattr(VolumeQADataset, "__getitem__", free_text_first)
+    result = probe.grade_probe(str(model_dir), str(release), "train", batch_size=4)
+    n_train = len(json.loads((release / "data" / "generate_data" / "train.json").read_text()))
+    assert result["bone_marrow_lesion"]["n"] == n_train - 1
+    assert "skipped 1 of" in capsys.readouterr().err
