@@ -7,8 +7,8 @@ structure, compartment and finding key (``schema.QuestionSpec``), never listed p
 
 Styles of ``question_prompt``:
 - ``"plain"``: the question and the JSON shape of the answer (finding key, field keys, grade ranges).
-- ``"guided"``: adds the grade definitions, the request to reason step by step, the ``Location:`` box line
-  with the box convention, and the ``Final diagnosis:`` JSON line (the answer format of DESIGN.md).
+- ``"guided"``: adds the grade definitions and the answer format (``answer.py``): the region, the
+  ``Location:`` box line with the box convention, step-by-step reasoning, the ``Final diagnosis:`` JSON line.
 """
 from __future__ import annotations
 
@@ -210,13 +210,19 @@ def question_prompt(spec: QuestionSpec, style: str = "plain") -> str:
         question,
         "Grades:",
         *grades,
-        "Reason step by step, one short step per line. Then give the location of "
-        f"{region_phrase(spec)} as",
+        *answer_instructions(spec),
+    ])
+
+
+def answer_instructions(spec: QuestionSpec) -> list[str]:
+    """The guided prompt's last lines: the answer format (``answer.py``) in words, the box before the grading."""
+    return [
+        f"Name the region first, then give the location of {region_phrase(spec)} as",
         f"{LOCATION_PREFIX} {BOX_START}[start_slice, end_slice, x_min, x_max, y_min, y_max]{BOX_END}",
         "with inclusive voxel indices: slices along array axis 0, rows (x) along axis 1, columns (y) along "
-        "axis 2. End with",
+        "axis 2. Then reason step by step about what you see there, one short step per line. End with",
         f"{DIAGNOSIS_PREFIX} {answer_shape(spec)}",
-    ])
+    ]
 
 
 def reasoning_template(spec: QuestionSpec) -> dict[str, dict[int, list[str]]]:

@@ -22,7 +22,7 @@ def test_format_answer_layout():
                          {"Size of lesion": 1, "Depth of lesion": 2})
     lines = text.split("\n")
     assert lines[0] == "Look at the patella."
-    assert lines[1] == "Location: <|box_start|>[1, 2, 3, 4, 5, 6]<|box_end|>"
+    assert lines[1] == "Location: <|box_start|>[1, 2, 3, 4, 5, 6]<|box_end|>"  # after the first step (answer.py)
     assert lines[2].startswith("Final diagnosis: ")
     assert json.loads(lines[2][len("Final diagnosis: "):]) == {
         "patella medial cartilage lesion": {"Size of lesion": 1, "Depth of lesion": 2}}

@@ -70,7 +70,7 @@ class Sample:
     question_id: int
     prompt: str
     answer: str
-    """Reasoning lines + ``Location:`` line (voxel box text, absent without a box) + ``Final diagnosis:`` line."""
+    """``Location:`` line (voxel box text, absent without a box) + reasoning lines + ``Final diagnosis:`` line."""
     severity: dict[str, int]
     """Schema field key -> grade, validated against the question's grade ranges."""
     box: Optional[list[int]]
@@ -144,15 +144,15 @@ class _Parsed:
 
 
 def _reasoning_lines(answer: str) -> list[str]:
-    """The reasoning steps of an answer: the lines before its location / diagnosis / JSON part."""
+    """The reasoning steps of an answer: its lines up to the diagnosis / JSON part, less the location line
+    wherever it stands (``answer.format_answer`` puts it back in the package's place)."""
     out = []
     for line in answer.splitlines():
         s = line.strip()
         low = s.lower()
-        if (low.startswith((LOCATION_PREFIX.lower(), DIAGNOSIS_PREFIX.lower(), "{", "```"))
-                or BOX_START in s):
+        if low.startswith((DIAGNOSIS_PREFIX.lower(), "{", "```")):
             break
-        if s:
+        if s and not (low.startswith(LOCATION_PREFIX.lower()) or BOX_START in s):
             out.append(s)
     return out
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .. import prompts
-from ..constants import BOX_END, BOX_START, DIAGNOSIS_PREFIX, LOCATION_PREFIX
 from ..schema import QuestionSpec, get_question
 from .predictions_io import PredictionWriter
 
@@ -91,13 +90,7 @@ class ZeroShotPrompts:
             text = release_text
         else:
             text = "\n".join([
-                release_text, "Grades:", *self._grade_lines(spec),
-                "Reason step by step, one short step per line. Then give the location of "
-                f"{prompts.region_phrase(spec)} as",
-                f"{LOCATION_PREFIX} {BOX_START}[start_slice, end_slice, x_min, x_max, y_min, y_max]{BOX_END}",
-                "with inclusive voxel indices: slices along array axis 0, rows (x) along axis 1, columns (y) "
-                "along axis 2. End with",
-                f"{DIAGNOSIS_PREFIX} {prompts.answer_shape(spec)}"])
+                release_text, "Grades:", *self._grade_lines(spec), *prompts.answer_instructions(spec)])
         notes = []
         if volume_shape is not None:
             s, h, w = (int(v) for v in volume_shape)

@@ -39,10 +39,12 @@ def test_public_style_items_get_question_id_box_and_normalized_answer(release_fa
         assert s.severity == tiny.SEVERITY[s.question_id]  # string grades, spelling variants normalized
         assert s.box == box_from_mask(rel.masks[s.volume_id], tiny.SUBREGIONS[s.question_id])
         lines = s.answer.splitlines()
-        assert lines[:2] == [f"Step one for question {s.question_id}.", "Step two."]
+        # Rebuilt in the package's order: the first step, the box, the other steps, the diagnosis.
+        assert (s.box is not None) == lines[1].startswith("Location: <|box_start|>[")
+        steps = [line for line in lines[:-1] if not line.startswith("Location:")]
+        assert steps == [f"Step one for question {s.question_id}.", "Step two."]
         spec = get_question(s.question_id)
         assert lines[-1] == "Final diagnosis: " + json.dumps({spec.finding_key: tiny.SEVERITY[s.question_id]})
-        assert (s.box is not None) == lines[2].startswith("Location: <|box_start|>[")
 
 
 def test_mask_is_read_once_per_volume(release_factory, monkeypatch):
@@ -174,3 +176,11 @@ def test_export_failure_leaves_no_partial_file(release, tmp_path):
     with pytest.raises(ReleaseError, match=r"test\.json: invalid JSON"):
         export_references(release.root, "test", tmp_path / "R.jsonl")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".R", "R"))]
+
+
+def test_reasoning_lines_skip_a_location_line_wherever_it_stands():
+    from reasonknee3d.data.release import _reasoning_lines
+    box = "<|box_start|>[1, 2, 3, 4, 5, 6]<|box_end|>"
+    ours = f"Location: {box}\nStep one.\nStep two.\nFinal diagnosis: {{}}"
+    theirs = f"Step one.\nLocation: {box}\n\nStep two.\n```json\n{{}}\n```\nStep after the JSON."
+    assert _reasoning_lines(ours) == _reasoning_lines(theirs) == ["Step one.", "Step two."]
