@@ -23,6 +23,15 @@ def _triple(value: Any, name: str) -> tuple[int, int, int]:
     return vals
 
 
+def check_region_size(region_size: Any, patch_size: Any, where: str = "region_size") -> list[int]:
+    """The region look's crop size as three ints, each a multiple of the encoder's patch size on its axis."""
+    region = list(_triple(region_size, where))
+    if any(r % p for r, p in zip(region, patch_size)):
+        raise ValueError(f"{where} {region} must be divisible by the encoder's patch_size {list(patch_size)} "
+                         f"(the region crop goes through the same encoder)")
+    return region
+
+
 class VolumeEncoderConfig(PreTrainedConfig):
     """3D ViT over a single-channel volume ``(S, H, W)``, cut into non-overlapping patches."""
 
@@ -118,9 +127,16 @@ class ReasonKnee3DConfig(PreTrainedConfig):
     coord_token_ids: list[int] | None = None
     """Token id of each bin, ``coord_token_ids[k]`` = ``<|coord_k|>``."""
     tie_word_embeddings: bool = False
+    region_size: list[int] | tuple[int, ...] | None = None
+    """Region look (S, H, W voxels), or None for none. When set, what lies inside the box just written (the
+    box's part of the input volume, resampled to this size, through the same encoder, pooled and projected by
+    ``RegionProjector``) is added to the input embedding of its ``<|box_end|>`` and of every token after it
+    (``region.py``)."""
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
+        if self.region_size is not None:
+            self.region_size = check_region_size(self.region_size, self.encoder_config.patch_size)
         if self.num_bins < 2:
             raise ValueError(f"num_bins must be >= 2, got {self.num_bins}")
         if self.coord_token_ids is not None and len(self.coord_token_ids) != self.num_bins:

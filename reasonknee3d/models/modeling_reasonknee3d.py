@@ -27,8 +27,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextMod
 
 from ..constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
 from ..io_utils import atomic_dir
-from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig
+from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig, check_region_size
 from .projector import PROJECTORS, build_projector
+from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
 from .tiny_qwen import TinyQwenSizes, build_tiny_qwen2_5_vl
 from .volume_encoder import VolumeEncoder
 
@@ -41,13 +42,17 @@ class ReasonKnee3DModelOutputWithPast(BaseModelOutputWithPast):
     text after the prompt (set when positions were computed from ``input_ids`` in this call)."""
 
     rope_deltas: torch.LongTensor | None = None
+    region_embeds: torch.Tensor | None = None
+    """(B, C) region-look feature in force after the last position (zeros for a row without a box so far);
+    ``generate`` passes it to the next cached step. None without ``config.region_size``."""
 
 
 @dataclass
 class ReasonKnee3DCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` plus ``rope_deltas`` (see ``ReasonKnee3DModelOutputWithPast``)."""
+    """``CausalLMOutputWithPast`` plus ``rope_deltas`` and ``region_embeds`` (see ``ReasonKnee3DModelOutputWithPast``)."""
 
     rope_deltas: torch.LongTensor | None = None
+    region_embeds: torch.Tensor | None = None
 
 
 class ReasonKnee3DPreTrainedModel(PreTrainedModel):
@@ -72,6 +77,9 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         self.projector = build_projector(config.projector_config, config.encoder_config.hidden_size,
                                          config.text_config.hidden_size)
         self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        self.region_projector = (None if config.region_size is None else
+                                 RegionProjector(config.encoder_config.hidden_size, config.text_config.hidden_size))
+        self._bin_of_id: torch.Tensor | None = None
         # Set by a prefill without explicit positions; lets later cached steps continue the M-RoPE positions.
         self.rope_deltas: torch.Tensor | None = None
         self.post_init()
@@ -86,6 +94,46 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         """``(B, 1, S, H, W)`` volumes -> ``(B, N, text_hidden)`` language-model embeddings in grid order."""
         features, grid = self.encoder(volumes)
         return self.projector(features, grid)
+
+    def bin_of_id(self, device: torch.device) -> torch.Tensor:
+        """``(vocab,)`` lookup: the bin of each coordinate token id, -1 for every other id."""
+        if self._bin_of_id is None or self._bin_of_id.device != device:
+            if not self.config.coord_token_ids:
+                raise ValueError("config.coord_token_ids is not set: build the model with from_qwen2_5_vl or "
+                                 "`reasonknee3d init` so the tokenizer has the coordinate tokens")
+            lookup = torch.full((self.config.text_config.vocab_size,), -1, dtype=torch.long, device=device)
+            lookup[torch.tensor(self.config.coord_token_ids, device=device)] = torch.arange(self.config.num_bins,
+                                                                                             device=device)
+            self._bin_of_id = lookup
+        return self._bin_of_id
+
+    def add_region_features(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, volumes: torch.Tensor,
+                            context_ids: torch.LongTensor | None = None, carried: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs_embeds`` with the region look added (``region.py``): each position gets the region feature
+        of the latest box closed at or before it, else ``carried`` (B, C; the feature from earlier cached
+        steps). Returns the embeddings and the (B, C) feature in force after the last position.
+
+        ``volumes`` has one volume per row; ``context_ids`` is the whole sequence when ``input_ids`` are only
+        its last columns.
+        """
+        batch, length = input_ids.shape
+        if carried is None:
+            carried = inputs_embeds.new_zeros(batch, inputs_embeds.shape[-1])
+        rows, cols, bins = box_end_bins(input_ids, self.config.box_end_token_id, self.bin_of_id(input_ids.device),
+                                        context_ids)
+        if rows.numel() == 0:
+            if self.training:
+                # Keep the region projector in the graph: DDP expects a gradient for every parameter.
+                inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.region_projector.parameters())
+            return inputs_embeds + carried[:, None].to(inputs_embeds.dtype), carried
+        if volumes.shape[0] != batch:
+            raise ValueError(f"region features need one volume per row: {volumes.shape[0]} volumes for {batch} rows")
+        crops = crop_regions(volumes[rows], bins, self.config.num_bins, self.config.region_size)
+        features, _ = self.encoder(crops)  # (n, P, C_enc)
+        added, last = spread_regions(rows, cols, self.region_projector(features), length,
+                                     carried.to(inputs_embeds.dtype))
+        return inputs_embeds + added, last
 
     def get_rope_index(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
                        grid: Grid) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -146,8 +194,15 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        region_volumes: torch.Tensor | None = None,
+        context_ids: torch.LongTensor | None = None,
+        region_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ReasonKnee3DModelOutputWithPast:
+        """Cached generation steps of a model with the region look (``region.py``) also take
+        ``region_volumes`` (the volumes, which ``volumes`` only brings to the prefill), ``context_ids`` (the
+        whole sequence of which ``input_ids`` are the last columns) and ``region_embeds`` (B, C: the feature
+        in force from earlier steps, the previous output's ``region_embeds``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -165,6 +220,10 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
                                  f"features ({features.shape[1]} each)")
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds),
                                                          features.to(inputs_embeds.dtype))
+        region_source = volumes if volumes is not None else region_volumes
+        if self.region_projector is not None and input_ids is not None and region_source is not None:
+            inputs_embeds, region_embeds = self.add_region_features(input_ids, inputs_embeds, region_source,
+                                                                    context_ids, region_embeds)
         rope_deltas = None
         if position_ids is None:
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -179,7 +238,7 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         return ReasonKnee3DModelOutputWithPast(last_hidden_state=outputs.last_hidden_state,
                                                past_key_values=outputs.past_key_values,
                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                               rope_deltas=rope_deltas)
+                                               rope_deltas=rope_deltas, region_embeds=region_embeds)
 
 
 class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, GenerationMixin):
@@ -233,7 +292,8 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
                                       **kwargs)
         return ReasonKnee3DCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                                   hidden_states=outputs.hidden_states,
-                                                  attentions=outputs.attentions, rope_deltas=outputs.rope_deltas)
+                                                  attentions=outputs.attentions, rope_deltas=outputs.rope_deltas,
+                                                  region_embeds=outputs.region_embeds)
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -258,7 +318,20 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         # With a cache only the prefill sees the placeholders; later steps feed one new token each.
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["volumes"] = volumes
+            model_inputs.pop("region_embeds", None)  # the full sequence recomputes the region look
+        elif self.config.region_size is not None and volumes is not None:
+            # A fed-back <|box_end|> gets its region feature (it needs the volume and the box's coordinates);
+            # later tokens get the carried one (_update_model_kwargs_for_generation).
+            model_inputs["region_volumes"] = volumes
+            model_inputs["context_ids"] = input_ids
         return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: dict[str, Any],
+                                            *args: Any, **kwargs: Any) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if getattr(outputs, "region_embeds", None) is not None:
+            model_kwargs["region_embeds"] = outputs.region_embeds
+        return model_kwargs
 
     # --- building from a Qwen2.5-VL checkpoint ------------------------------------------------------
 
@@ -271,13 +344,15 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         num_bins: int = 64,
         attn_implementation: str = "auto",
         dtype: torch.dtype | str | None = None,
+        region_size: Sequence[int] | None = None,
     ) -> tuple["ReasonKnee3DForConditionalGeneration", Any]:
         """A fresh 3D model around the language model of a local Qwen2.5-VL checkpoint directory.
 
         Reads the checkpoint's text config and tokenizer, adds ``<|volume_pad|>`` and the ``num_bins``
         coordinate tokens, builds encoder and projector from their configs, copies the language model and
         LM head weights from the safetensors files (the vision tower's tensors are never read), and
-        initializes the new embedding rows. Returns ``(model, processor)``.
+        initializes the new embedding rows. ``region_size`` turns on the region look (``region.py``).
+        Returns ``(model, processor)``.
         """
         from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig
 
@@ -301,7 +376,8 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
             text_config=text_config, num_bins=num_bins, coord_token_ids=coord_ids,
             volume_token_id=token_id(VOLUME_PAD), vision_start_token_id=token_id(VISION_START),
             vision_end_token_id=token_id(VISION_END), box_start_token_id=token_id(BOX_START),
-            box_end_token_id=token_id(BOX_END), tie_word_embeddings=qwen_config.tie_word_embeddings)
+            box_end_token_id=token_id(BOX_END), tie_word_embeddings=qwen_config.tie_word_embeddings,
+            region_size=region_size)
         model = cls._from_config(config, attn_implementation=select_attn_implementation(attn_implementation),
                                  dtype=dtype)
         _load_language_model(model, path)
@@ -355,7 +431,8 @@ def _load_language_model(model: ReasonKnee3DForConditionalGeneration, path: Path
         model.lm_head.weight.data[: head.shape[0]].copy_(head.to(model.lm_head.weight.dtype))
 
 
-MODEL_SECTION_KEYS = ("language_model", "encoder", "projector", "num_bins", "attn_implementation", "dtype")
+MODEL_SECTION_KEYS = ("language_model", "encoder", "projector", "num_bins", "attn_implementation", "dtype",
+                      "region_size")
 
 
 def validate_model_section(model: dict[str, Any], input_shape: Sequence[int]) -> dict[str, Any]:
@@ -386,8 +463,12 @@ def validate_model_section(model: dict[str, Any], input_shape: Sequence[int]) ->
     # Building the sub-configs runs their validation (divisibility, registry names) now.
     encoder_cfg, projector_cfg = VolumeEncoderConfig(**encoder), ProjectorConfig(**projector)
     PROJECTORS[projector_cfg.projector_type].output_grid(encoder_cfg.grid_size, projector_cfg)
+    region = model.get("region_size")
+    if region is not None:
+        region = check_region_size(region, encoder_cfg.patch_size, "model.region_size")
     return dict(encoder_config=encoder, projector_config=projector, num_bins=int(model.get("num_bins", 64)),
-                attn_implementation=model.get("attn_implementation", "auto"), dtype=model.get("dtype"))
+                attn_implementation=model.get("attn_implementation", "auto"), dtype=model.get("dtype"),
+                region_size=region)
 
 
 def build_reasonknee3d(model: dict[str, Any], data: Any) -> tuple[ReasonKnee3DForConditionalGeneration, Any]:

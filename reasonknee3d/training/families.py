@@ -166,7 +166,9 @@ class ReasonKnee3DFamily(Family):
         return model, ReasonKnee3DProcessor.from_pretrained(model_dir)
 
     def module_paths(self, model: nn.Module) -> dict[str, list[str]]:
-        return {"encoder": ["model.encoder"], "projector": ["model.projector"],
+        # The region look's projector (models/region.py) trains with the volume projector.
+        region = ["model.region_projector"] if getattr(model.model, "region_projector", None) is not None else []
+        return {"encoder": ["model.encoder"], "projector": ["model.projector", *region],
                 "language_model": ["model.language_model", "lm_head"]}
 
     def new_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
