@@ -7,6 +7,11 @@ cyst):``) and the score is 1 - P(first token of that field's grade-0 wording). T
 question category, the ROC AUC of this score for "grade > 0". Within one category the question prior cannot
 separate the samples, so an AUC near 0.5 means the grade does not depend on the image. ``--shuffle-volumes``
 pairs every sample with another sample's volume: a model that reads the image loses its AUC.
+
+Beside the AUC (a ranking), two counts over the abnormal references say what greedy decoding makes of it:
+``abn>norm``, how many have the first tokens of the abnormal grades' wordings together more probable than the
+grade-0 wording, and ``greedy``, how many have one abnormal wording ahead of all others (what greedy
+decoding writes). Questions whose grade wordings share a first token are left out of both counts.
 """
 from __future__ import annotations
 
@@ -35,6 +40,12 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> Optional[float]:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def grade_decision(by_grade: dict[int, float]) -> tuple[bool, bool]:
+    """From the probability of each grade's first wording token: (the abnormal grades together outweigh grade
+    0, one abnormal grade is the most probable of all, i.e. what greedy decoding would write)."""
+    return (sum(v for g, v in by_grade.items() if g) > by_grade[0], max(by_grade, key=by_grade.get) != 0)
+
+
 def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optional[int] = None,
                 shuffle_volumes: bool = False, batch_size: int = 16) -> dict[str, dict[str, Any]]:
     """``{category: {"n", "abnormal", "auc"}}`` of the first-field grade decision (see the module text)."""
@@ -45,7 +56,7 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
     model.eval()
     dataset, _ = family.predict_data(model, processor, data_dir, split)
     tokenizer = processor.tokenizer
-    items, targets, skipped = [], [], []
+    items, targets, skipped = [], [], []  # targets: (category, abnormal, {grade: first token of its wording})
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         item = dict(dataset[i])
         spec = get_question(int(item["question_id"]))
@@ -57,12 +68,12 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
             skipped.append(item["sample_id"])
             continue
         cut += len(field) + 1
-        prefix = tokenizer(item["answer"][:cut], add_special_tokens=False).input_ids
-        normal = tokenizer(item["answer"][:cut] + " " + grade_description(spec, field, 0),
-                           add_special_tokens=False).input_ids
+        n_prefix = len(tokenizer(item["answer"][:cut], add_special_tokens=False).input_ids)
+        first = {g: tokenizer(item["answer"][:cut] + " " + grade_description(spec, field, g),
+                              add_special_tokens=False).input_ids[n_prefix] for g in spec.fields[0].grades}
         item["answer"] = item["answer"][:cut]
         items.append(item)
-        targets.append((spec.category, int(grade != 0), normal[len(prefix)]))
+        targets.append((spec.category, int(grade != 0), first))
     if skipped:
         print(f"grade_probe: skipped {len(skipped)} of {len(skipped) + len(items)} samples whose answer has no "
               f"'<first field>:' line or no readable final diagnosis, e.g. {skipped[:3]}", file=sys.stderr)
@@ -70,22 +81,33 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
         volumes = [it["volume"] for it in items]
         for k, it in enumerate(items):
             it["volume"] = volumes[(k + len(items) // 2) % len(items)]
-    scores = []
+    scores, decisions = [], []  # decisions: (abnormal wordings more probable, greedy abnormal) or None
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             batch = processor([it["volume"] for it in chunk], [it["prompt"] for it in chunk],
                               [it["answer"] for it in chunk], orig_shapes=[it["orig_shape"] for it in chunk])
             logits = model(**batch).logits
-            for row, (_, _, normal_id) in enumerate(targets[start:start + batch_size]):
+            for row, (_, _, first) in enumerate(targets[start:start + batch_size]):
                 # The last label is <|im_end|>: the logits one column before it predict the token after the prefix.
                 last = int((batch["labels"][row] != -100).nonzero()[-1, 0]) - 1
-                scores.append(1.0 - torch.softmax(logits[row, last].float(), -1)[normal_id].item())
-    by_category: dict[str, tuple[list[int], list[float]]] = collections.defaultdict(lambda: ([], []))
-    for (category, abnormal, _), score in zip(targets, scores):
-        by_category[category][0].append(abnormal)
-        by_category[category][1].append(score)
-    return {c: {"n": len(y), "abnormal": sum(y), "auc": roc_auc(y, s)} for c, (y, s) in sorted(by_category.items())}
+                p = torch.softmax(logits[row, last].float(), -1)
+                scores.append(1.0 - p[first[0]].item())
+                if len(set(first.values())) < len(first):
+                    decisions.append(None)
+                    continue
+                decisions.append(grade_decision({g: p[t].item() for g, t in first.items()}))
+    by_category: dict[str, list[tuple[int, float, Any]]] = collections.defaultdict(list)
+    for (category, abnormal, _), score, decision in zip(targets, scores, decisions):
+        by_category[category].append((abnormal, score, decision))
+    out = {}
+    for c, rows in sorted(by_category.items()):
+        y = [a for a, _, _ in rows]
+        decided = [d for a, _, d in rows if a and d is not None]
+        out[c] = {"n": len(y), "abnormal": sum(y), "auc": roc_auc(y, [s for _, s, _ in rows]),
+                  "abnormal_decided": len(decided), "abnormal_more_probable": sum(d[0] for d in decided),
+                  "abnormal_greedy": sum(d[1] for d in decided)}
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -97,10 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--shuffle-volumes", action="store_true")
     args = parser.parse_args(argv)
     result = grade_probe(args.model, args.data, args.split, args.limit, args.shuffle_volumes)
-    print(f"{'category':28s} {'n':>5s} {'grade>0':>8s} {'AUC':>6s}")
+    print(f"{'category':28s} {'n':>5s} {'grade>0':>8s} {'AUC':>6s} {'abn>norm':>9s} {'greedy':>7s}")
     for category, r in result.items():
         auc = "-" if r["auc"] is None else f"{r['auc']:.3f}"
-        print(f"{category:28s} {r['n']:5d} {r['abnormal']:8d} {auc:>6s}")
+        counts = f"{r['abnormal_more_probable']:>5d}/{r['abnormal_decided']:<3d} {r['abnormal_greedy']:>3d}/{r['abnormal_decided']:<3d}"
+        print(f"{category:28s} {r['n']:5d} {r['abnormal']:8d} {auc:>6s} {counts}")
     return 0
 
 

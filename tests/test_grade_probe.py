@@ -33,6 +33,13 @@ def test_roc_auc_by_hand():
     assert probe.roc_auc([1, 1], [0.1, 0.2]) is None
 
 
+def test_grade_decision_by_hand():
+    # Abnormal grades together (0.5) outweigh grade 0 (0.4), but greedy writes grade 0: the split the probe counts.
+    assert probe.grade_decision({0: 0.4, 1: 0.2, 2: 0.2, 3: 0.1}) == (True, False)
+    assert probe.grade_decision({0: 0.3, 1: 0.5, 2: 0.1}) == (True, True)
+    assert probe.grade_decision({0: 0.7, 1: 0.2}) == (False, False)
+
+
 def test_probe_counts_every_sample_and_its_reference_grade(tmp_path: Path, capsys) -> None:
     shape = (16, 32, 32)
     release = tmp_path / "release"
@@ -50,6 +57,8 @@ def test_probe_counts_every_sample_and_its_reference_grade(tmp_path: Path, capsy
         {c: (len(y), sum(y)) for c, y in expected.items()}
     for r in result.values():
         assert r["auc"] is None or 0.0 <= r["auc"] <= 1.0
+        assert r["abnormal_greedy"] <= r["abnormal_decided"] <= r["abnormal"]
+        assert r["abnormal_more_probable"] <= r["abnormal_decided"]
 
     assert probe.main(["--model", str(model_dir), "--data", str(release), "--split", "train", "--limit", "3",
                        "--shuffle-volumes"]) == 0
