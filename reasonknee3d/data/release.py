@@ -70,7 +70,8 @@ class Sample:
     question_id: int
     prompt: str
     answer: str
-    """``Location:`` line (voxel box text, absent without a box) + reasoning lines + ``Final diagnosis:`` line."""
+    """First reasoning line, ``Location:`` line (voxel box text, absent without a box), the other reasoning
+    lines, ``Final diagnosis:`` line (``answer.format_answer``)."""
     severity: dict[str, int]
     """Schema field key -> grade, validated against the question's grade ranges."""
     box: Optional[list[int]]

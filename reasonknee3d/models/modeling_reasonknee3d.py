@@ -107,15 +107,15 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
             self._bin_of_id = lookup
         return self._bin_of_id
 
-    def add_region_features(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, volumes: torch.Tensor,
-                            context_ids: torch.LongTensor | None = None, carried: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_region_features(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor,
+                            volumes: torch.Tensor | None, context_ids: torch.LongTensor | None = None,
+                            carried: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``inputs_embeds`` with the region look added (``region.py``): each position gets the region feature
         of the latest box closed at or before it, else ``carried`` (B, C; the feature from earlier cached
         steps). Returns the embeddings and the (B, C) feature in force after the last position.
 
-        ``volumes`` has one volume per row; ``context_ids`` is the whole sequence when ``input_ids`` are only
-        its last columns.
+        ``volumes`` has one volume per row (needed only when ``input_ids`` close a box); ``context_ids`` is the
+        whole sequence when ``input_ids`` are only its last columns.
         """
         batch, length = input_ids.shape
         if carried is None:
@@ -127,8 +127,10 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
                 # Keep the region projector in the graph: DDP expects a gradient for every parameter.
                 inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.region_projector.parameters())
             return inputs_embeds + carried[:, None].to(inputs_embeds.dtype), carried
-        if volumes.shape[0] != batch:
-            raise ValueError(f"region features need one volume per row: {volumes.shape[0]} volumes for {batch} rows")
+        if volumes is None or volumes.shape[0] != batch:
+            got = "no volumes" if volumes is None else f"{volumes.shape[0]} volumes"
+            raise ValueError(f"the region look needs one volume per row to read the boxes this input closes: got "
+                             f"{got} for {batch} rows (pass volumes, or region_volumes in cached steps)")
         crops = crop_regions(volumes[rows], bins, self.config.num_bins, self.config.region_size)
         features, _ = self.encoder(crops)  # (n, P, C_enc)
         added, last = spread_regions(rows, cols, self.region_projector(features), length,
@@ -221,7 +223,8 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds),
                                                          features.to(inputs_embeds.dtype))
         region_source = volumes if volumes is not None else region_volumes
-        if self.region_projector is not None and input_ids is not None and region_source is not None:
+        if self.region_projector is not None and input_ids is not None and (
+                region_source is not None or region_embeds is not None):
             inputs_embeds, region_embeds = self.add_region_features(input_ids, inputs_embeds, region_source,
                                                                     context_ids, region_embeds)
         rope_deltas = None

@@ -164,9 +164,10 @@ def test_cached_steps_through_and_after_box_end_match_the_full_forward(toy):
         assert not out.region_embeds.any()  # no box closed yet
         steps = []
         for col in range(end, ids.shape[1]):  # <|box_end|>, then two tokens that get the carried feature
+            # Only the step that closes the box needs the volumes; later steps use the carried feature alone.
+            volumes = batch["volumes"] if col == end else None
             out = model(input_ids=ids[:, col:col + 1], past_key_values=out.past_key_values, use_cache=True,
-                        region_volumes=batch["volumes"], context_ids=ids[:, :col + 1],
-                        region_embeds=out.region_embeds)
+                        region_volumes=volumes, context_ids=ids[:, :col + 1], region_embeds=out.region_embeds)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, end:], atol=1e-5, rtol=1e-4)
 
@@ -216,8 +217,10 @@ def test_region_look_needs_one_volume_per_row(toy):
     model = _model(cfg)
     batch = _batch_with_box(toy, cfg)
     embeds = torch.zeros(2, batch["input_ids"].shape[1], 32)
-    with pytest.raises(ValueError, match="one volume per row: 1 volumes for 2 rows"):
+    with pytest.raises(ValueError, match="one volume per row .* got 1 volumes for 2 rows"):
         model.model.add_region_features(batch["input_ids"], embeds, batch["volumes"][:1])
+    with pytest.raises(ValueError, match="got no volumes for 2 rows"):
+        model.model.add_region_features(batch["input_ids"], embeds, None)
 
 
 def test_region_size_not_divisible_by_the_patch_is_an_error(toy):
