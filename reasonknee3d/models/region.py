@@ -8,9 +8,9 @@ same volume encoder, pooled and projected (``RegionProjector``), and added to th
 the grading steps (``answer.py``), so the reasoning and the grades that follow are conditioned on the look.
 
 Why every later token and not the ``<|box_end|>`` alone: in the tiny demo models, a feature at ``<|box_end|>``
-alone was never read by the grade tokens 20-40 positions later (teacher-forced grade AUC 0.47 for bone marrow
-lesions, the majority level), while the same feature added to every later token was (0.87 at the same 900
-steps; README, "What the demo shows today").
+alone was not read by the grade tokens 20-40 positions later (teacher-forced grade AUC 0.55 for bone marrow
+lesions, near chance), while the same feature added to every later token was (0.87 at the same 900 steps;
+README, "What the demo shows today").
 
 Training sees the reference box (teacher forcing), generation the model's own. With a KV cache, the step
 that feeds ``<|box_end|>`` back computes the feature, and ``generate`` carries it to the later steps in
