@@ -48,7 +48,8 @@ def grade_decision(by_grade: dict[int, float]) -> tuple[bool, bool]:
 
 def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optional[int] = None,
                 shuffle_volumes: bool = False, batch_size: int = 16) -> dict[str, dict[str, Any]]:
-    """``{category: {"n", "abnormal", "auc"}}`` of the first-field grade decision (see the module text)."""
+    """``{category: {"n", "abnormal", "auc", "abnormal_decided", "abnormal_more_probable", "abnormal_greedy"}}``
+    of the first-field grade decision (see the module text)."""
     family = family_of_model_dir(model_dir)
     if not isinstance(family, ReasonKnee3DFamily):
         raise SystemExit(f"{model_dir}: grade_probe reads 3D-native checkpoints; this one is {type(family).__name__}")
@@ -122,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'category':28s} {'n':>5s} {'grade>0':>8s} {'AUC':>6s} {'abn>norm':>9s} {'greedy':>7s}")
     for category, r in result.items():
         auc = "-" if r["auc"] is None else f"{r['auc']:.3f}"
-        counts = f"{r['abnormal_more_probable']:>5d}/{r['abnormal_decided']:<3d} {r['abnormal_greedy']:>3d}/{r['abnormal_decided']:<3d}"
+        decided = r["abnormal_decided"]
+        counts = f"{r['abnormal_more_probable']:>5d}/{decided:<3d} {r['abnormal_greedy']:>3d}/{decided:<3d}"
         print(f"{category:28s} {r['n']:5d} {r['abnormal']:8d} {auc:>6s} {counts}")
     return 0
 
