@@ -1,6 +1,7 @@
 """scripts/grade_probe.py: the AUC by hand, and the probe's per-category counts against the release's grades."""
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 from pathlib import Path
@@ -40,6 +41,15 @@ def test_grade_decision_by_hand():
     assert probe.grade_decision({0: 0.7, 1: 0.2}) == (False, False)
 
 
+def test_prior_corrected_decision_by_hand():
+    # Grade 0 is 9x as frequent in training: 0.6 / 9.5 < 0.3 / 1.5 (add-one counts), so grade 1 wins.
+    counts = collections.Counter({0: 9, 1: 1, 2: 0})
+    assert probe.prior_corrected({0: 0.6, 1: 0.3, 2: 0.1}, counts) == 1
+    assert probe.prior_corrected({0: 0.95, 1: 0.04, 2: 0.01}, counts) == 0
+    # An unseen grade counts once: 0.2 / 1 beats 0.6 / 10 and 0.2 / 2.
+    assert probe.prior_corrected({0: 0.6, 1: 0.2, 2: 0.2}, counts) == 2
+
+
 def test_probe_counts_every_sample_and_its_reference_grade(tmp_path: Path, capsys) -> None:
     shape = (16, 32, 32)
     release = tmp_path / "release"
@@ -53,8 +63,13 @@ def test_probe_counts_every_sample_and_its_reference_grade(tmp_path: Path, capsy
         spec = get_question(r["question_id"])
         grade = next(iter(r["final_diagnosis"].values()))[spec.fields[0].key]
         expected.setdefault(spec.category, []).append(int(grade != 0))
+    overall = result.pop(probe.ALL)
     assert {c: (r["n"], r["abnormal"]) for c, r in result.items()} == \
         {c: (len(y), sum(y)) for c, y in expected.items()}
+    assert (overall["n"], overall["abnormal"]) == (len(rows), sum(sum(y) for y in expected.values()))
+    for r in [*result.values(), overall]:
+        for key in ("balanced", "balanced_prior", "balanced_majority"):
+            assert r[key] is None or 0.0 <= r[key] <= 1.0
     for r in result.values():
         assert r["auc"] is None or 0.0 <= r["auc"] <= 1.0
         assert r["abnormal_greedy"] <= r["abnormal_decided"] <= r["abnormal"]

@@ -122,6 +122,10 @@ class TrainConfig:
     run otherwise). At batch size 1 (the real configs, with gradient accumulation) there is no padding."""
     dataloader_num_workers: int = 2
     """Worker processes feeding batches (0 loads in the training process)."""
+    grade_balance: float = 0.0
+    """Power p of grade-balanced sampling (``training.sampling``): 0 draws samples in their natural mix, 1 draws
+    every grade of a (category, field) group equally often, in between interpolates. Trades diag_exact for
+    balanced_acc; the mix of question categories is kept either way."""
     coord_label_sigma: float = 0.0
     """Gaussian width, in bins, of the coordinate-token targets (``training.losses``): near-miss bins share the
     target mass, so the ordinal box coordinates learn from fewer samples. 0 = plain cross-entropy."""
@@ -178,6 +182,13 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"train.attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, "
                               f"got {self.attn_implementation!r}")
+        if not (isinstance(self.grade_balance, (int, float)) and not isinstance(self.grade_balance, bool)
+                and self.grade_balance >= 0):
+            raise ConfigError(f"train.grade_balance: expected a power >= 0 (0 = natural mix, 1 = balanced), "
+                              f"got {self.grade_balance!r}")
+        if self.grade_balance > 0 and self.group_by_length:
+            raise ConfigError("train.grade_balance and train.group_by_length both choose the sample order; "
+                              "set one of them")
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"train.dataloader_num_workers: expected >= 0, got {self.dataloader_num_workers}")
 

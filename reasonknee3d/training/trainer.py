@@ -6,7 +6,8 @@ module adds only what the project needs on top:
 
 - throughput and data-wait numbers in every log record (``get_batch_samples`` is where Trainer pulls
   batches from the loader, so timing it measures exactly how long the model waited for data);
-- length-grouped batches from lengths the family computes cheaply (no volume is loaded for it);
+- length-grouped batches from lengths the family computes cheaply (no volume is loaded for it), or
+  grade-balanced sampling (``sampling``);
 - checkpoints that ``from_pretrained`` loads (see ``checkpoints``), each with the resolved experiment;
 - ``run_training``: config -> family parts -> trainable setup -> Trainer -> final / merged model.
 """
@@ -31,6 +32,7 @@ from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMete
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
 from .config import ExperimentConfig, TrainConfig, save_experiment_config
 from .losses import CoordinateSmoothedLoss, answer_logits_only, takes_logits_to_keep
+from .sampling import GradeBalancedSampler, grade_balance_weights
 from .stages import describe_trainable, setup_trainable, unwrap_base
 
 logger = logging.getLogger(__name__)
@@ -86,15 +88,19 @@ class ReasonKneeTrainer(Trainer):
     """transformers.Trainer with data-wait timing, precomputed length grouping and loadable checkpoints."""
 
     def __init__(self, *args: Any, experiment: ExperimentConfig, train_lengths: Optional[Sequence[int]] = None,
-                 base_model_dir: Optional[Path] = None, **kwargs: Any) -> None:
+                 train_weights: Optional[torch.Tensor] = None, base_model_dir: Optional[Path] = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.experiment = experiment
         self.train_lengths = list(train_lengths) if train_lengths is not None else None
+        self.train_weights = train_weights
         self.base_model_dir = base_model_dir
         self.meter = ThroughputMeter(world_size=max(1, self.args.world_size))
         self._cut_logits: Optional[bool] = None
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.train_weights is not None:
+            return GradeBalancedSampler(self.train_weights, seed=self.args.seed)
         if self.train_lengths is not None:
             # Trainer's own group_by_length would load every item to measure it; the family knows lengths.
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
@@ -208,13 +214,21 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     with args.main_process_first(desc="preprocessing cache"):
         dataset, collator = family.train_data(exp, model, processor)
     lengths = family.train_lengths(dataset) if exp.train.group_by_length else None
+    weights = None
+    if exp.train.grade_balance > 0:
+        samples = getattr(dataset, "samples", None)
+        if samples is None:
+            raise ValueError(f"train.grade_balance needs a dataset with .samples (data-layer Samples); the "
+                             f"{exp.family!r} family's {type(dataset).__name__} has none")
+        weights = grade_balance_weights(samples, exp.train.grade_balance)
     loss_func = None
     if exp.train.coord_label_sigma > 0:
         loss_func = CoordinateSmoothedLoss(family.coord_token_ids(unwrap_base(model), processor),
                                            exp.train.coord_label_sigma)
     trainer = ReasonKneeTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=processor, experiment=exp, train_lengths=lengths, compute_loss_func=loss_func,
+        processing_class=processor, experiment=exp, train_lengths=lengths, train_weights=weights,
+        compute_loss_func=loss_func,
         base_model_dir=base_dir if uses_lora else None,
         callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks])
     trainer.remove_callback(ProgressCallback)
