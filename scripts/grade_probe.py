@@ -14,11 +14,12 @@ grade-0 wording, and ``greedy``, how many have one abnormal wording ahead of all
 decoding writes). Questions whose grade wordings share a first token are left out of both counts.
 
 The last three columns are the balanced accuracy of the first field's grade over the same questions (the
-recall of each grade present, averaged, per category): ``bal``, the grade whose wording's first token is the
-most probable; ``bal/prior``, the most probable after dividing by the grade's frequency in the train split
-(the decision that maximizes balanced accuracy for calibrated probabilities); ``majority``, always the train
-split's most frequent grade. With the reference box and text up to the grade, ``bal/prior`` is about the most
-a decision rule can get out of the model's grade scores.
+recall of each grade present, averaged within each (category, field) group as the scorer does, then over the
+category's groups): ``bal``, the grade whose wording's first token is the most probable; ``bal/prior``, the
+most probable after dividing by the grade's frequency in the train split (the decision that maximizes balanced
+accuracy if the probabilities are calibrated); ``majority``, always the train split's most frequent grade. The
+``all`` row averages over every group. Since the probe feeds the reference box and the reference text up to
+the grade, these numbers bound what generated answers get from the same grade scores.
 """
 from __future__ import annotations
 
