@@ -19,7 +19,7 @@ category's groups): ``bal``, the grade whose wording's first token is the most p
 most probable after dividing by the grade's frequency in the train split (the decision that maximizes balanced
 accuracy if the probabilities are calibrated); ``majority``, always the train split's most frequent grade. The
 ``all`` row averages over every group. Since the probe feeds the reference box and the reference text up to
-the grade, these numbers bound what generated answers get from the same grade scores.
+the grade, these numbers are an optimistic estimate of what generated answers get from the same scores.
 """
 from __future__ import annotations
 
