@@ -87,7 +87,8 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
     model.eval()
     dataset, _ = family.predict_data(model, processor, data_dir, split)
     tokenizer = processor.tokenizer
-    items, targets, skipped = [], [], []  # targets: (category, abnormal, {grade: first token of its wording})
+    # targets: (category, first field key, reference grade, {grade: first token of its wording})
+    items, targets, skipped = [], [], []
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         item = dict(dataset[i])
         spec = get_question(int(item["question_id"]))
@@ -104,7 +105,7 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
                               add_special_tokens=False).input_ids[n_prefix] for g in spec.fields[0].grades}
         item["answer"] = item["answer"][:cut]
         items.append(item)
-        targets.append((spec.category, int(grade), first))
+        targets.append((spec.category, field, int(grade), first))
     if skipped:
         print(f"grade_probe: skipped {len(skipped)} of {len(skipped) + len(items)} samples whose answer has no "
               f"'<first field>:' line or no readable final diagnosis, e.g. {skipped[:3]}", file=sys.stderr)
@@ -122,7 +123,7 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
             batch = processor([it["volume"] for it in chunk], [it["prompt"] for it in chunk],
                               [it["answer"] for it in chunk], orig_shapes=[it["orig_shape"] for it in chunk])
             logits = model(**batch).logits
-            for row, (category, _, first) in enumerate(targets[start:start + batch_size]):
+            for row, (category, field, _, first) in enumerate(targets[start:start + batch_size]):
                 # The last label is <|im_end|>: the logits one column before it predict the token after the prefix.
                 last = int((batch["labels"][row] != -100).nonzero()[-1, 0]) - 1
                 p = torch.softmax(logits[row, last].float(), -1)
@@ -131,13 +132,12 @@ def grade_probe(model_dir: str, data_dir: str, split: str = "test", limit: Optio
                     decisions.append(None)
                     continue
                 by_grade = {g: p[t].item() for g, t in first.items()}
-                field = get_question(int(chunk[row]["question_id"])).fields[0].key
                 counts = priors[category, field]
                 majority = max(by_grade, key=lambda g: counts.get(g, 0))
                 decisions.append((*grade_decision(by_grade), max(by_grade, key=by_grade.get),
                                   prior_corrected(by_grade, counts), majority, field))
     by_category: dict[str, list[tuple[int, float, Any]]] = collections.defaultdict(list)
-    for (category, grade, _), score, decision in zip(targets, scores, decisions):
+    for (category, _, grade, _), score, decision in zip(targets, scores, decisions):
         by_category[category].append((grade, score, decision))
     out = {}
     for c, rows in sorted(by_category.items()):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from toy_family import ToyDataset, ToyFamily, toy_experiment
+from toy_family import ToyDataset, ToyFamily, collate, toy_experiment
 
 from reasonknee3d.schema import load_schema
 from reasonknee3d.training.config import ConfigError, TrainConfig
@@ -99,7 +99,6 @@ class _CountingFamily(ToyFamily):
         self.dataset = _CountingDataset(24, abnormal=5)
 
     def train_data(self, exp, model, processor):
-        from toy_family import collate
         return self.dataset, collate
 
 
