@@ -17,9 +17,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY_ATTRS = {
-    "ReasonKnee3DConfig": "reasonknee3d.models.configuration_reasonknee3d",
-    "ReasonKnee3DForConditionalGeneration": "reasonknee3d.models.modeling_reasonknee3d",
-    "ReasonKnee3DProcessor": "reasonknee3d.models.processing_reasonknee3d",
+    "ReasonKnee3DConfig": "reasonknee3d.models.reasonknee3d.configuration_reasonknee3d",
+    "ReasonKnee3DForConditionalGeneration": "reasonknee3d.models.reasonknee3d.modeling_reasonknee3d",
+    "ReasonKnee3DProcessor": "reasonknee3d.models.reasonknee3d.processing_reasonknee3d",
 }
 __all__ = ["__version__", *_LAZY_ATTRS]
 

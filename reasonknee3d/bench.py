@@ -39,17 +39,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .demo import config_path
 from .io_utils import write_json, write_jsonl
+from .models.tiny_qwen import QWEN2_5_VL_3B_TEXT
 
 logger = logging.getLogger(__name__)
 
-# Published text-model sizes of Qwen/Qwen2.5-VL-3B-Instruct (its config.json), the language model of both
-# real-size configs; used to count the real-size step's FLOPs without the checkpoint.
-QWEN2_5_VL_3B_TEXT = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                          num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
-                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                           "mrope_section": [16, 24, 24]})
 GOALS = {"tokens_ratio": 10.0, "train_step_speedup": 3.0, "cache_speedup": 50.0}
 """Targets of the issue that asked for this benchmark (figure >= goal)."""
 
@@ -58,9 +52,9 @@ GOALS = {"tokens_ratio": 10.0, "train_step_speedup": 3.0, "cache_speedup": 50.0}
 class BenchSettings:
     """What ``run_bench`` measures with. ``BENCH`` is the default run, ``QUICK`` a smoke run on tiny sizes."""
 
-    config_3d: str = "rk3d_qwen2.5vl_3b.yaml"
-    """3D-native experiment (in the repository's configs/): token count, encoder geometry, trainable parts."""
-    config_slice: str = "slice_qwen2.5vl_3b.yaml"
+    config_3d: str = "rk3d_qwen2.5vl_3b"
+    """3D-native experiment (a preset name or a file): token count, encoder geometry, trainable parts."""
+    config_slice: str = "slice_qwen2.5vl_3b"
     """Slice-baseline experiment: frames, frame size, pixel limits, trainable parts."""
     volume_shape: tuple[int, int, int] = (160, 384, 384)
     """Synthetic volume (S, H, W) fed to both processors and to the 3D training step."""
@@ -82,7 +76,7 @@ class BenchSettings:
     """Question whose prompt and templated answer make the text of every training sample."""
     real_text_config: Optional[dict] = field(default_factory=lambda: dict(QWEN2_5_VL_3B_TEXT))
     """Language model of the real-size FLOP count (None: the bench language model's)."""
-    gen_config: str = "tiny_3d.yaml"
+    gen_config: str = "tiny_3d"
     """3D model whose generation is timed with and without the KV cache."""
     gen_new_tokens: int = 64
     """Tokens generated per timed ``generate`` call."""
@@ -97,7 +91,7 @@ class BenchSettings:
 
 
 BENCH = BenchSettings()
-QUICK = BenchSettings(config_3d="tiny_3d.yaml", config_slice="tiny_slice.yaml", volume_shape=(32, 64, 64),
+QUICK = BenchSettings(config_3d="tiny_3d", config_slice="tiny_slice", volume_shape=(32, 64, 64),
                       lm={}, encoder={}, projector={}, gen_new_tokens=8, score_lines=2000, matmul_size=256,
                       repeats=2, train_repeats=2, real_text_config=None)
 
@@ -171,15 +165,14 @@ def _overrides(prefix: str, values: dict[str, Any]) -> list[str]:
 def load_experiments(s: BenchSettings, lm_dir: Optional[Path] = None) -> tuple[Any, Any]:
     """(3D, slice) ``ExperimentConfig`` of ``s``; with ``lm_dir``, as measured on this machine: both on that
     language model, in fp32, the 3D encoder with ``s.encoder`` / ``s.projector`` overrides."""
-    from .training.config import load_experiment_config
+    from .families import load_experiment_config
 
     if lm_dir is None:
-        return (load_experiment_config(config_path(s.config_3d)),
-                load_experiment_config(config_path(s.config_slice)))
+        return load_experiment_config(s.config_3d), load_experiment_config(s.config_slice)
     common = [f"model.language_model={json.dumps({'path': str(lm_dir)})}"]
     encoder = _overrides("model.encoder", s.encoder) + _overrides("model.projector", s.projector)
-    exp3d = load_experiment_config(config_path(s.config_3d), common + ["model.dtype=null"] + encoder)
-    exp_slice = load_experiment_config(config_path(s.config_slice), common + ['model.dtype="float32"'])
+    exp3d = load_experiment_config(s.config_3d, common + ["model.dtype=null"] + encoder)
+    exp_slice = load_experiment_config(s.config_slice, common + ['model.dtype="float32"'])
     return exp3d, exp_slice
 
 
@@ -206,90 +199,32 @@ def _text(question_id: int, shape: Sequence[int]) -> tuple[str, str]:
 
 def measure_tokens_per_volume(exp3d: Any, exp_slice: Any, lm_dir: Path, volume: np.ndarray,
                               prompt: str) -> dict[str, Any]:
-    """Visual tokens of ``volume`` in the ``input_ids`` each family's processor writes for ``prompt``.
+    """Visual tokens of ``volume`` in the ``input_ids`` each family's processor writes for ``prompt``
+    (``Family.processor_visual_tokens``), beside the count each family derives from its config alone.
+    Only tokenizer and processor files of ``lm_dir`` are read."""
+    from .families import get_family
 
-    3D: a ``ReasonKnee3DProcessor`` with the 3D config's input size and the projector's token count.
-    Slice: the checkpoint's stock Qwen2.5-VL processor with the slice config's frame settings expands one
-    ``<|video_pad|>`` over the volume's frames. Only tokenizer and processor files of ``lm_dir`` are read.
-    """
-    from transformers import AutoProcessor, AutoTokenizer
-
-    from .constants import VIDEO_PAD, VOLUME_PAD
-    from .models.configuration_reasonknee3d import ProjectorConfig, VolumeEncoderConfig
-    from .models.modeling_reasonknee3d import validate_model_section
-    from .models.processing_reasonknee3d import ReasonKnee3DProcessor
-    from .models.projector import PROJECTORS
-    from .models.slice_baseline import (as_slice_config, configure_processor, token_count, video_processor_kwargs,
-                                        volume_to_frames)
-    from .models.tokens import add_box_tokens
-
-    kw = validate_model_section(exp3d.model, exp3d.data.input_shape)
-    enc, proj = VolumeEncoderConfig(**kw["encoder_config"]), ProjectorConfig(**kw["projector_config"])
-    n_config = PROJECTORS[proj.projector_type].num_output_tokens(enc.grid_size, proj)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-    add_box_tokens(tokenizer, kw["num_bins"], extra=(VOLUME_PAD,))
-    proc3d = ReasonKnee3DProcessor(tokenizer, volume_size=enc.input_size, num_visual_tokens=n_config,
-                                   num_bins=kw["num_bins"])
-    if tuple(volume.shape) != tuple(enc.input_size):
-        raise ValueError(f"synthetic volume {volume.shape} differs from {exp3d.source} data.input_shape "
-                         f"{tuple(enc.input_size)}; set BenchSettings.volume_shape to it")
-    ids3d = proc3d([(volume - volume.mean()) / volume.std()], [prompt])["input_ids"]
-    n3d = int((ids3d == tokenizer.convert_tokens_to_ids(VOLUME_PAD)).sum())
-
-    cfg = as_slice_config(exp_slice.model)
-    processor = configure_processor(AutoProcessor.from_pretrained(lm_dir), cfg)
-    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    frames = volume_to_frames(volume, cfg)
-    out = processor(text=[text], videos=[frames], return_tensors="pt", **video_processor_kwargs(cfg))
-    n_slice = int((out["input_ids"] == processor.tokenizer.convert_tokens_to_ids(VIDEO_PAD)).sum())
-    return {"3d": n3d, "slice": n_slice, "ratio": n_slice / n3d,
+    counted, expected = {}, {}
+    for name, exp in (("3d", exp3d), ("slice", exp_slice)):
+        family = get_family(exp.family)
+        counted[name] = family.processor_visual_tokens(exp, lm_dir, volume, prompt)
+        expected[name] = family.num_visual_tokens(exp, volume.shape)
+    return {**counted, "ratio": counted["slice"] / counted["3d"],
             "settings": {"volume_shape": list(volume.shape), "volume": "random intensities 0-999",
                          "config_3d": exp3d.source, "config_slice": exp_slice.source,
-                         "encoder_grid": list(enc.grid_size), "projector": proj.projector_type,
-                         "pool_kernel": list(proj.pool_kernel), "frames": int(frames.shape[0]),
-                         "frame_size": list(cfg.frame_size), "video_grid_thw": out["video_grid_thw"][0].tolist()},
-            "expected": {"3d": n_config, "slice": token_count(cfg, volume.shape)}}
+                         "encoder": exp3d.model.encoder, "projector": exp3d.model.projector,
+                         "frame_size": list(exp_slice.model.frame_size)},
+            "expected": expected}
 
 
 # --- training step ------------------------------------------------------------------------------------
 
-class _FeatureStore:
-    """Stands in for ``SliceFeatureCache``: returns one volume's cached vision features without disk I/O."""
-
-    def __init__(self, entry: Any) -> None:
-        self.entry = entry
-
-    def load(self, image_path: Any) -> Any:
-        return self.entry
-
-
-def _slice_batch(model: Any, processor: Any, volume: np.ndarray, question_id: int, prompt: str,
-                 answer: str) -> dict[str, Any]:
-    """The slice family's training batch for one sample, its vision features read from a (fake) cache."""
-    from .data.release import Sample
-    from .models.slice_baseline import CachedFeatures, SliceCollator, encode_frames, slice_config_of, volume_to_frames
-
-    cfg = slice_config_of(model)
-    grid = encode_frames(processor, [volume_to_frames(volume, cfg)], cfg)["video_grid_thw"][0]
-    n = int(grid.prod()) // cfg.merge_size ** 2
-    # Random features of the shape the frozen vision tower's merger writes to the cache: (N, LM hidden).
-    gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(n, model.config.vision_config.out_hidden_size, generator=gen)
-    entry = CachedFeatures(feats, grid, tuple(volume.shape))
-    # Only the prompt and answer of the sample are read: its features come from the store above.
-    sample = Sample(sample_id=f"bench:q{question_id}", volume_id="bench", patient_id="bench", split="train",
-                    image_path=Path("bench.nii.gz"), mask_path=None, question_id=question_id, prompt=prompt,
-                    answer=answer, severity={}, box=None, knee_side="right")
-    return SliceCollator(processor, cfg, _FeatureStore(entry), train=True)([sample])
-
-
-def _trainable(family_name: str, exp: Any) -> tuple[Any, Any, torch.optim.Optimizer]:
+def _trainable(exp: Any) -> tuple[Any, Any, torch.optim.Optimizer]:
     """(model to train, processor, AdamW) built and set up exactly as ``run_training`` does."""
-    from .training.families import get_family
+    from .families import get_family
     from .training.stages import setup_trainable
 
-    family = get_family(family_name)
+    family = get_family(exp.family)
     torch.manual_seed(0)
     model, processor = family.build(exp, "sdpa")
     model = setup_trainable(model, exp.train, family.module_paths(model), family.new_token_ids(model, processor))
@@ -310,11 +245,12 @@ def _step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -
     return float(loss.detach())
 
 
-def _family_step(family_name: str, exp: Any,
-                 make_batch: Callable[[Any, Any], dict[str, Any]]) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
-    """(model, optimizer, one-sample batch) of one family, ready for ``_step``."""
-    model, processor, optimizer = _trainable(family_name, exp)
-    return model, optimizer, make_batch(model, processor)
+def _family_step(exp: Any, volume: np.ndarray, prompt: str,
+                 answer: str) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
+    """(model, optimizer, one-sample batch) of one experiment's family, ready for ``_step``."""
+    from .families import get_family
+    model, processor, optimizer = _trainable(exp)
+    return model, optimizer, get_family(exp.family).example_batch(model, processor, volume, prompt, answer)
 
 
 def _step_counts(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any], name: str) -> dict[str, Any]:
@@ -349,10 +285,7 @@ def measure_train_step(exp3d: Any, exp_slice: Any, volume: np.ndarray, question_
     (``training.stages.setup_trainable``). ``visual_tokens`` (``measure_tokens_per_volume``) gives the text
     token count: sequence length minus visual tokens.
     """
-    vol3d = torch.from_numpy((volume - volume.mean()) / volume.std())
-    setups = {"3d": _family_step("3d", exp3d, lambda m, p: dict(p([vol3d], [prompt], [answer]))),
-              "slice": _family_step("slice", exp_slice,
-                                    lambda m, p: _slice_batch(m, p, volume, question_id, prompt, answer))}
+    setups = {"3d": _family_step(exp3d, volume, prompt, answer), "slice": _family_step(exp_slice, volume, prompt, answer)}
     times = time_interleaved({name: functools.partial(_step, *setup) for name, setup in setups.items()}, repeats)
     r3d, rsl = ({"median_s": statistics.median(times[name]), "repeats_s": times[name],
                  **_step_counts(*setups[name], name)} for name in ("3d", "slice"))
@@ -360,8 +293,8 @@ def measure_train_step(exp3d: Any, exp_slice: Any, volume: np.ndarray, question_
     return {"speedup": rsl["median_s"] / r3d["median_s"], "flops_ratio": rsl["flops_per_step"] / r3d["flops_per_step"],
             "3d": r3d, "slice": rsl, "text_tokens": text,
             "settings": {"config_3d": exp3d.source, "config_slice": exp_slice.source,
-                         "language_model": _lm_summary(exp3d), "encoder": dict(exp3d.model["encoder"]),
-                         "projector": dict(exp3d.model["projector"]), "batch_size": 1, "dtype": "float32",
+                         "language_model": _lm_summary(exp3d), "encoder": dict(exp3d.model.encoder),
+                         "projector": dict(exp3d.model.projector), "batch_size": 1, "dtype": "float32",
                          "attn_implementation": "sdpa", "activation_checkpointing": False,
                          "train_3d": exp3d.train.modes(), "train_slice": exp_slice.train.modes(),
                          "lora_r": exp3d.train.lora.r, "repeats": repeats}}
@@ -369,7 +302,7 @@ def measure_train_step(exp3d: Any, exp_slice: Any, volume: np.ndarray, question_
 
 def _lm_summary(exp: Any) -> dict[str, Any]:
     from transformers import AutoConfig
-    text = AutoConfig.from_pretrained(exp.model["language_model"]["path"]).text_config
+    text = AutoConfig.from_pretrained(exp.model.language_model["path"]).text_config
     return {k: getattr(text, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "vocab_size")}
 
@@ -385,10 +318,10 @@ def count_real_size_flops(exp3d_real: Any, text_config: dict[str, Any], visual_t
     runs as plain matmuls over the full causal square; ``*_causal`` halve the language model's attention
     matmuls, as flash-attention kernels do. Activation checkpointing (one more forward) is not counted.
     """
-    from .models.configuration_reasonknee3d import ReasonKnee3DConfig
-    from .models.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration, validate_model_section
+    from .models.reasonknee3d.configuration_reasonknee3d import ReasonKnee3DConfig
+    from .models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
 
-    kw = validate_model_section(exp3d_real.model, exp3d_real.data.input_shape)
+    kw = exp3d_real.model.from_qwen_kwargs(exp3d_real.data.input_shape)
     config = ReasonKnee3DConfig(encoder_config=kw["encoder_config"], projector_config=kw["projector_config"],
                                 text_config=text_config, num_bins=kw["num_bins"], volume_token_id=0)
     with torch.device("meta"):
@@ -420,8 +353,8 @@ def count_real_size_flops(exp3d_real: Any, text_config: dict[str, Any], visual_t
     return {"ratio": fsl / f3d, "ratio_causal": fsl_c / f3d_c, "3d_flops": f3d, "slice_flops": fsl,
             "3d_flops_causal": f3d_c, "slice_flops_causal": fsl_c, "encoder_flops": encoder,
             "encoder_share_3d": encoder / f3d_c,
-            "settings": {"config_3d": exp3d_real.source, "encoder": kw["encoder_config"],
-                         "projector": kw["projector_config"], "language_model": text_config,
+            "settings": {"config_3d": exp3d_real.source, "encoder": kw["encoder_config"].to_diff_dict(),
+                         "projector": kw["projector_config"].to_diff_dict(), "language_model": text_config,
                          "tokens": {"3d": visual_tokens["3d"] + text_tokens,
                                     "slice": visual_tokens["slice"] + text_tokens}}}
 
@@ -509,14 +442,12 @@ def measure_kv_cache(config_name: str, question_id: int = 1, new_tokens: int = 6
 
     Exactly ``new_tokens`` are generated (``min_new_tokens``), the prompt's prefill included in the time.
     """
-    import yaml
+    from .families import load_experiment_config
+    from .models.reasonknee3d.modeling_reasonknee3d import build_reasonknee3d
 
-    from .models.modeling_reasonknee3d import build_reasonknee3d
-
-    path = config_path(config_name)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    exp = load_experiment_config(config_name)
     torch.manual_seed(0)
-    model, processor = build_reasonknee3d(raw["model"], raw["data"])
+    model, processor = build_reasonknee3d(exp.model, exp.data)
     model.eval()
     prompt, _ = _text(question_id, processor.volume_size)
     volume = torch.randn(*processor.volume_size)
@@ -534,7 +465,7 @@ def measure_kv_cache(config_name: str, question_id: int = 1, new_tokens: int = 6
                               "no_cache": functools.partial(generate, False)}, repeats)
     rates = {key: new_tokens / statistics.median(t) for key, t in times.items()}
     return {"speedup": rates["cache"] / rates["no_cache"], "tokens_per_s": rates, "repeats_s": times,
-            "settings": {"config": str(path), "new_tokens": new_tokens, "prompt_tokens": int(prompt_len),
+            "settings": {"config": exp.source, "new_tokens": new_tokens, "prompt_tokens": int(prompt_len),
                          "batch_size": 1, "repeats": repeats}}
 
 

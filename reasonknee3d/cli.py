@@ -62,23 +62,22 @@ def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preprocess", help="fill the volume cache (3D configs) or vision-feature cache (slice configs)")
+    p = sub.add_parser("preprocess", help="fill the model family's cache (volumes for 3d, vision features for slice)")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--config", type=Path, required=True, help="experiment YAML; its data: section is used")
+    p.add_argument("--config", required=True, help="experiment YAML or preset name (e.g. tiny_3d)")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"))
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="default: <data>/cache/volumes (3D) or <data>/cache/slice_features (slice)")
+                   help="default: <data>/cache/volumes (3d) or <data>/cache/slice_features (slice)")
 
     def run(a: argparse.Namespace) -> int:
-        import yaml
-        raw = yaml.safe_load(a.config.read_text(encoding="utf-8")) or {}
-        if raw.get("family") == "slice":
-            from .models.slice_baseline import preprocess_slice_features
-            return _report_batch(preprocess_slice_features(a.data, raw.get("model") or {}, a.cache_dir, a.splits))
-        from .data.cache import preprocess_release
-        from .data.transforms import PreprocessConfig
-        cfg = PreprocessConfig.from_yaml(a.config)
-        return _report_batch(preprocess_release(a.data, cfg, a.splits, a.cache_dir))
+        from .config import ConfigError
+        from .families import get_family, load_experiment_config
+        try:
+            exp = load_experiment_config(a.config)
+        except ConfigError as e:
+            print(f"reasonknee3d preprocess: {e}", file=sys.stderr)
+            return 2
+        return _report_batch(get_family(exp.family).preprocess(exp, a.data, a.splits, a.cache_dir))
     p.set_defaults(func=run)
 
 
@@ -109,35 +108,18 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write an untrained model directory from an experiment config")
-    p.add_argument("--config", type=Path, required=True, help="experiment YAML (family, data, model)")
+    p.add_argument("--config", required=True, help="experiment YAML or preset name (e.g. tiny_3d)")
     p.add_argument("--out", type=Path, required=True, help="model directory to write (replaced if present)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_bins=32")
 
     def run(a: argparse.Namespace) -> int:
-        import importlib.util
-
-        import yaml
+        from .config import ConfigError
+        from .families import get_family, load_experiment_config
         try:
-            raw = yaml.safe_load(a.config.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            print(f"reasonknee3d init: cannot read {a.config}: {e}", file=sys.stderr)
-            return 2
-        family = raw.get("family") if isinstance(raw, dict) else None
-        try:
-            if family == "3d":
-                from .models.modeling_reasonknee3d import init_reasonknee3d
-                out = init_reasonknee3d(raw, a.out)
-            elif family == "slice":
-                if importlib.util.find_spec("reasonknee3d.models.slice_baseline") is None:
-                    print("reasonknee3d init: the slice family needs reasonknee3d/models/slice_baseline.py "
-                          "(init_slice_model), which this installation lacks", file=sys.stderr)
-                    return 2
-                from .models.slice_baseline import init_slice_model
-                out = init_slice_model(raw, a.out)
-            else:
-                print(f"reasonknee3d init: {a.config}: family must be 3d or slice, got {family!r}", file=sys.stderr)
-                return 2
-        except (ValueError, OSError) as e:
-            print(f"reasonknee3d init: {a.config}: {e}", file=sys.stderr)
+            exp = load_experiment_config(a.config, a.overrides)
+            out = get_family(exp.family).init(exp, a.out)
+        except (ConfigError, ValueError, OSError) as e:
+            print(f"reasonknee3d init: {e}", file=sys.stderr)
             return 2
         print(out)
         return 0
@@ -184,7 +166,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train either model family from an experiment YAML (resumable, torchrun-ready)")
-    p.add_argument("--config", type=Path, required=True, help="experiment YAML (family, data, model, train)")
+    p.add_argument("--config", required=True, help="experiment YAML (family, data, model, train) or preset name")
     p.add_argument("--data", default=None, help="release root (train.data_dir)")
     p.add_argument("--output-dir", default=None, help="run folder (train.output_dir; default runs/<config stem>)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (train.max_steps)")
@@ -196,7 +178,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         import json
         import logging
 
-        from .training.config import ConfigError, load_experiment_config
+        from .config import ConfigError
+        from .families import load_experiment_config
         from .training.trainer import run_training
         flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
                  "train.save_steps": a.save_steps}

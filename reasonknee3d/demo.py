@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 from .io_utils import write_json, write_text
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TABLE_METRICS = ("diag_exact", "balanced_acc", "qwk", "miou", "acc_iou50", "parse_fail_severity", "parse_fail_box")
-FAMILIES = {"3d": "tiny_3d.yaml", "slice": "tiny_slice.yaml"}
+DEMO_MODELS = {"3d": "tiny_3d", "slice": "tiny_slice"}
+"""Table row -> the preset it trains (``reasonknee3d/configs/``)."""
 
 
 @dataclass(frozen=True)
@@ -47,25 +47,19 @@ class DemoSettings:
 QUICK = DemoSettings(volumes=6, max_steps=10, batch_size=4, max_new_tokens=160, test_limit=16, pictures=1)
 
 
-def config_path(name: str) -> Path:
-    """A file of the repository's configs/ folder, with a clear error when the package was not installed from
-    a clone (the demo and the bench read their experiments there)."""
-    path = CONFIG_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the experiment configs live in the repository's configs/ "
-                                f"folder (install with `pip install -e .` from a clone)")
-    return path
+def _experiment(row: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:
+    from .families import load_experiment_config
+    return load_experiment_config(DEMO_MODELS[row], overrides)
 
 
-def _train(family: str, release: Path, run_dir: Path, s: DemoSettings) -> tuple[Path, float]:
-    from .training.config import load_experiment_config
+def _train(row: str, release: Path, run_dir: Path, s: DemoSettings) -> tuple[Path, float]:
     from .training.trainer import run_training
 
     final = run_dir / "final"
     timing = run_dir / "demo_train_seconds.json"
     if final.is_dir() and timing.is_file():
         return final, float(json.loads(timing.read_text())["seconds"])
-    exp = load_experiment_config(config_path(FAMILIES[family]), [
+    exp = _experiment(row, [
         f"train.data_dir={release}", f"train.output_dir={run_dir}", f"train.max_steps={s.max_steps}",
         f"train.per_device_batch_size={s.batch_size}", f"train.save_steps={max(s.max_steps, 1)}",
         f"train.seed={s.seed}", f"train.learning_rate={s.learning_rate}"])
@@ -168,15 +162,15 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Option
         write_text(refs["test"], "\n".join(lines) + "\n")
 
     reports, extra, models = {}, {}, {}
-    for family in FAMILIES:
-        step(f"training the tiny {family} model ({s.max_steps} steps, batch {s.batch_size})")
-        models[family], seconds = _train(family, release, out / "runs" / family, s)
-        step(f"predicting the test split with the {family} model")
-        preds = out / f"predictions_{family}.jsonl"
-        predict(models[family], release, "test", preds, batch_size=16, limit=s.test_limit,
+    for row in DEMO_MODELS:
+        step(f"training the tiny {row} model ({s.max_steps} steps, batch {s.batch_size})")
+        models[row], seconds = _train(row, release, out / "runs" / row, s)
+        step(f"predicting the test split with the {row} model")
+        preds = out / f"predictions_{row}.jsonl"
+        predict(models[row], release, "test", preds, batch_size=16, limit=s.test_limit,
                 max_new_tokens=s.max_new_tokens)
-        reports[family] = score_files(preds, refs["test"], out / "reports" / family, majority_source=refs["train"])
-        extra[family] = {"train_seconds": round(seconds, 1), "visual_tokens": _visual_tokens(family, models[family], s.shape)}
+        reports[row] = score_files(preds, refs["test"], out / "reports" / row, majority_source=refs["train"])
+        extra[row] = {"train_seconds": round(seconds, 1), "visual_tokens": _visual_tokens(row, s.shape)}
 
     table = comparison_table(reports, extra)
     write_json(out / "comparison.json", table)
@@ -197,11 +191,8 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Option
     return table
 
 
-def _visual_tokens(family: str, model_dir: Path, shape: tuple[int, int, int]) -> int:
-    """Visual tokens one volume of ``shape`` becomes in the language model of the model in ``model_dir``."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if family == "3d":
-        from .models.configuration_reasonknee3d import ReasonKnee3DConfig
-        return int(ReasonKnee3DConfig(**config).num_visual_tokens)
-    from .models.slice_baseline import SLICE_CONFIG_ATTR, token_count
-    return int(token_count(config[SLICE_CONFIG_ATTR], shape))
+def _visual_tokens(row: str, shape: tuple[int, int, int]) -> int:
+    """Visual tokens one volume of ``shape`` becomes in the language model of the row's preset."""
+    from .families import get_family
+    exp = _experiment(row)
+    return int(get_family(exp.family).num_visual_tokens(exp, shape))

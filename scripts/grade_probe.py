@@ -37,7 +37,8 @@ from reasonknee3d.evaluation.metrics import balanced_acc
 from reasonknee3d.evaluation.parsing import parse_output
 from reasonknee3d.prompts import grade_description
 from reasonknee3d.schema import get_question
-from reasonknee3d.training.families import ReasonKnee3DFamily, family_of_model_dir
+from reasonknee3d.families import family_of_model_dir
+from reasonknee3d.families.threed import ReasonKnee3DFamily
 
 ALL = "all"
 """Key of the summary over every category (n, abnormal and the three balanced accuracies only)."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training through `accelerate launch`, e.g. FSDP for the real-size models (configs/accelerate_fsdp.yaml).
 #
-#   scripts/train_accelerate.sh configs/accelerate_fsdp.yaml --config configs/rk3d_qwen2.5vl_3b.yaml --data DIR [key=value ...]
+#   scripts/train_accelerate.sh configs/accelerate_fsdp.yaml --config rk3d_qwen2.5vl_3b --data DIR [key=value ...]
 #
 # The first argument is an accelerate config file (num_processes there = GPUs used); the rest goes to
 # `reasonknee3d train` unchanged. transformers' Trainer picks up the FSDP / DeepSpeed settings accelerate

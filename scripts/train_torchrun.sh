@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-GPU (or multi-process CPU) training with torchrun: DDP, one process per GPU.
 #
-#   scripts/train_torchrun.sh NPROC --config configs/rk3d_qwen2.5vl_3b.yaml --data /data/3DReasonKnee [key=value ...]
+#   scripts/train_torchrun.sh NPROC --config rk3d_qwen2.5vl_3b --data /data/3DReasonKnee [key=value ...]
 #
 # Everything after NPROC goes to `reasonknee3d train` unchanged. The per-device batch size is
 # train.per_device_batch_size; the global batch is NPROC x that x train.gradient_accumulation_steps.

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from reasonknee3d.data.synth import write_synthetic_release
-from reasonknee3d.models.modeling_reasonknee3d import build_reasonknee3d, save_model_dir
+from reasonknee3d.models import save_model_dir
+from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import build_reasonknee3d
 from reasonknee3d.schema import get_question
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "grade_probe.py"

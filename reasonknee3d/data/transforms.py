@@ -18,13 +18,12 @@ No rotations: a rotated box is not the box of the rotated region, and targets mu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional
 
 import numpy as np
 import torch
-import yaml
 from monai.apps.detection.transforms.dictionary import RandZoomBoxd
 from monai.transforms import (ClipIntensityPercentilesd, Compose, MapTransform, NormalizeIntensityd,
                               RandScaleIntensityd, RandShiftIntensityd, Resize, ScaleIntensityd)
@@ -104,29 +103,6 @@ class PreprocessConfig:
         # An unset canonical_side is left out, so caches written before the field existed keep their keys.
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
                 if k in self.ARRAY_FIELDS and not (k == "canonical_side" and v is None)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "PreprocessConfig":
-        """Build from a mapping; unknown keys are an error that lists the valid ones."""
-        names = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            at = f" in {where}" if where else ""
-            raise ValueError(f"unknown preprocessing settings {unknown}{at}; expected some of {names}")
-        return cls(**dict(d))
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, section: str = "data") -> "PreprocessConfig":
-        """Read the ``section`` mapping of a YAML config (missing section -> defaults)."""
-        path = Path(path)
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read YAML config ({e})") from None
-        sub = doc.get(section) or {}
-        if not isinstance(sub, dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping, got {type(sub).__name__}")
-        return cls.from_dict(sub, where=f"{path} [{section}]")
 
 
 class LoadVolumed(MapTransform):

@@ -12,15 +12,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers.utils import ModelOutput
 
 from ..attention import select_attn_implementation
 from ..boxes import mirror_text_boxes
+from .generate import generate_answers
 from .predictions_io import PredictionWriter
 
 logger = logging.getLogger(__name__)
@@ -39,19 +39,6 @@ class PredictResult:
     seconds: float
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``; ModelOutputs and tuples keep their type."""
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, ModelOutput):  # e.g. the slice family's cached vision features
-        return type(obj)(**{k: _to_device(v, device) for k, v in obj.items()})
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
 @torch.no_grad()
 def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
             batch_size: int = 4, limit: Optional[int] = None, constrained: bool = True, max_new_tokens: int = 512,
@@ -61,7 +48,7 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
     Rows are ``{"sample_id", "question_id", "output"}`` (the scorer's prediction format; ``output`` holds
     boxes as voxel indices of each original volume).
     """
-    from ..training.families import family_of_model_dir
+    from ..families import family_of_model_dir
 
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 0):
         raise ValueError(f"batch_size {batch_size} and max_new_tokens {max_new_tokens} must be >= 1, limit >= 0 "
@@ -71,7 +58,6 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
     model, processor = family.load(model_dir, select_attn_implementation(attn_implementation))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    tokenizer = processor.tokenizer
     dataset, collate = family.predict_data(model, processor, data_dir, split)
     samples = dataset.samples[:limit] if limit is not None else dataset.samples
 
@@ -83,17 +69,9 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
         written = 0
         bar = tqdm(total=len(todo), desc=f"predict {split}", unit="sample", dynamic_ncols=True)
         for batch, infos in loader:
-            batch = _to_device(batch, device)
-            processors = None
-            if constrained:
-                from ..models.generation import constrained_logits_processors
-                processors = constrained_logits_processors(
-                    tokenizer, [info.question_id for info in infos], max_new_tokens,
-                    num_bins=family.num_bins(model), require_box=[info.has_box for info in infos])
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                       logits_processor=processors, pad_token_id=tokenizer.pad_token_id)
-            width = batch["input_ids"].shape[1]
-            texts = family.decode(model, processor, generated[:, width:].cpu(), [info.orig_shape for info in infos])
+            texts = generate_answers(model, processor, family, batch, [info.question_id for info in infos],
+                                     [info.orig_shape for info in infos], [info.has_box for info in infos],
+                                     constrained=constrained, max_new_tokens=max_new_tokens)
             # Boxes of volumes the model saw mirrored (canonical_side) go back to the stored volume's voxels.
             texts = [mirror_text_boxes(t, info.orig_shape) if info.mirrored else t for t, info in zip(texts, infos)]
             for info, text in zip(infos, texts):

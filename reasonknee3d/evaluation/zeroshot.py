@@ -5,7 +5,7 @@ definitions, step-by-step reasoning and the Location / Final diagnosis answer fo
 (guided, on the volume cropped to the reference box + margin). Question texts come from the release's
 ``data/question_files`` when it has them, else from ``reasonknee3d.prompts``.
 
-- ``hf``: slices as a video through the checkpoint's own processor (``models.slice_baseline``), batched
+- ``hf``: slices as a video through the checkpoint's own processor (``models/slice``), batched
   greedy generation.
 - ``openai``: evenly spaced slices as base64 PNG images in one chat-completions request per sample, with
   the JSON response format where the server accepts it, a request timeout, retries with backoff on 429 /
@@ -249,7 +249,7 @@ class ZeroShotResult:
 def default_frames_config(backend: str, frames: Optional[int] = None,
                           frame_size: Optional[Sequence[int]] = None) -> Any:
     """The paper's inputs: all slices as a video for ``hf``, 32 evenly spaced slices for ``openai``."""
-    from ..models.slice_baseline import SliceBaselineConfig
+    from ..models.slice.configuration_slice import SliceBaselineConfig
 
     num_frames = frames if frames is not None else (None if backend == "hf" else 32)
     size = tuple(frame_size) if frame_size is not None else ((224, 224) if backend == "hf" else (392, 392))
@@ -264,7 +264,7 @@ def run_openai(samples: Sequence[Any], writer: PredictionWriter, client: OpenAIC
                cfg: Any, setting: str, concurrency: int = 4) -> tuple[int, dict[str, str]]:
     """Send each sample in a thread pool of ``concurrency`` workers; write replies in completion order."""
     from ..data.io import load_volume
-    from ..models.slice_baseline import crop_to_box, select_slices, volume_to_frames
+    from ..models.slice.processing_slice import crop_to_box, select_slices, volume_to_frames
 
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -303,7 +303,11 @@ def run_hf(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os
 
     from ..attention import select_attn_implementation
     from ..data.io import inspect_volume
-    from ..models.slice_baseline import SliceCollator, configure_processor, crop_to_box, generate_answers
+    from ..families import get_family
+    from ..families.slice import slice_predict_collate
+    from ..models.slice.configuration_slice import SLICE_CONFIG_ATTR
+    from ..models.slice.processing_slice import SliceCollator, configure_processor, crop_to_box
+    from .generate import generate_answers
 
     cuda = torch.cuda.is_available()
     processor = configure_processor(AutoProcessor.from_pretrained(model_dir), cfg)
@@ -312,6 +316,10 @@ def run_hf(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os
         attn_implementation=select_attn_implementation(attn_implementation))
     if cuda:
         model.to("cuda")
+    model.eval()
+    # A stock checkpoint read through the slice family's decoding: its frame settings are the zero-shot ones.
+    setattr(model.config, SLICE_CONFIG_ATTR, cfg.to_dict())
+    family = get_family("slice")
 
     def sample_prompt(sample: Any) -> str:
         shape = inspect_volume(sample.image_path).shape
@@ -321,13 +329,16 @@ def run_hf(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os
             shape = crop_to_box(np.empty(shape, dtype=np.uint8), sample.box, cfg.crop_margin).shape
         return prompt_fn(sample, shape)
 
-    collator = SliceCollator(processor, cfg, train=False, prompt_fn=sample_prompt, crop=setting == "gt-crop")
+    collate = slice_predict_collate(SliceCollator(processor, cfg, train=False, prompt_fn=sample_prompt,
+                                                  crop=setting == "gt-crop"))
     written, failed = 0, {}
     name = str(model_dir)
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start:start + batch_size])
         try:
-            texts = generate_answers(model, collator, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            batch, infos = collate(chunk)
+            texts = generate_answers(model, processor, family, batch, [i.question_id for i in infos],
+                                     [i.orig_shape for i in infos], constrained=False, max_new_tokens=max_new_tokens)
         except Exception as e:  # a bad volume fails its batch only; it is reported and retried on rerun
             for s in chunk:
                 failed[s.sample_id] = f"{type(e).__name__}: {e}"

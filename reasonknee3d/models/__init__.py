@@ -1,4 +1,6 @@
-"""Model families: the 3D-native ReasonKnee3D model and the Qwen2.5-VL slice baseline.
+"""Models: ``reasonknee3d/`` (the 3D-native model) and ``slice/`` (the Qwen2.5-VL slice baseline), one folder per
+model in the transformers layout, plus the parts both use (chat format, box tokens, constrained generation, the
+tiny Qwen checkpoint builder). Nothing here imports ``training``, ``evaluation`` or ``families``.
 
 ``register_auto_classes`` teaches the transformers Auto classes the ``reasonknee3d`` model type, so a
 directory written by ``save_pretrained`` loads with ``AutoConfig`` / ``AutoModel*`` / ``AutoProcessor``.
@@ -6,7 +8,19 @@ The package root calls it once transformers is imported.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 _registered = False
+
+
+def save_model_dir(model: Any, processor: Any, out_dir: str | Path) -> Path:
+    """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed)."""
+    from ..io_utils import atomic_dir
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
 
 
 def register_auto_classes() -> None:
@@ -17,15 +31,16 @@ def register_auto_classes() -> None:
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor)
 
-    from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig
-    from .modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration, ReasonKnee3DModel
-    from .processing_reasonknee3d import ReasonKnee3DProcessor
-    from .volume_encoder import VolumeEncoder
+    from .reasonknee3d.configuration_reasonknee3d import ReasonKnee3DConfig
+    from .reasonknee3d.encoders import ENCODERS
+    from .reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration, ReasonKnee3DModel
+    from .reasonknee3d.processing_reasonknee3d import ReasonKnee3DProcessor
 
-    for config_cls in (ReasonKnee3DConfig, VolumeEncoderConfig, ProjectorConfig):
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    # Encoder and projector configs register themselves with AutoConfig (encoders/base.py, projectors.py).
+    AutoConfig.register(ReasonKnee3DConfig.model_type, ReasonKnee3DConfig, exist_ok=True)
     AutoModel.register(ReasonKnee3DConfig, ReasonKnee3DModel, exist_ok=True)
-    AutoModel.register(VolumeEncoderConfig, VolumeEncoder, exist_ok=True)
+    for config_cls, model_cls in ENCODERS.values():
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
     # Registered as both: trainers and peft reach for CausalLM, multimodal pipelines for ImageTextToText.
     AutoModelForImageTextToText.register(ReasonKnee3DConfig, ReasonKnee3DForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(ReasonKnee3DConfig, ReasonKnee3DForConditionalGeneration, exist_ok=True)

@@ -9,7 +9,6 @@ and a ``Qwen2_5_VLProcessor``. ``AutoProcessor`` / ``AutoTokenizer`` /
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -19,11 +18,19 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..answer import diagnosis_json
+from ..config import ConfigError, from_mapping
 from ..boxes import box_to_text
 from ..constants import (ENDOFTEXT, IM_END, IMAGE_PAD, LOCATION_PREFIX, QWEN_SPECIAL_TOKENS, VIDEO_PAD,
                          VISION_END, VISION_START)
 from ..schema import load_schema
 from ..io_utils import atomic_dir
+
+# The text part of Qwen2.5-VL-3B-Instruct (its config.json values): the default language model of the 3D-native
+# config and the shapes of the real-size benchmark. The one place these sizes are written.
+QWEN2_5_VL_3B_TEXT: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
 
 # Qwen2-VL / Qwen2.5-VL chat template as shipped in the official checkpoints (tokenizer_config.json).
 QWEN_VL_CHAT_TEMPLATE = (
@@ -100,21 +107,15 @@ class TinyQwenSizes:
             raise ValueError(f"tiny Qwen: vision_hidden_size {self.vision_hidden_size} is not divisible by "
                              f"vision_num_heads {self.vision_num_heads}")
 
-    @classmethod
-    def from_dict(cls, sizes: dict) -> "TinyQwenSizes":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(sizes) - known)
-        if unknown:
-            raise ValueError(f"unknown tiny Qwen size(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**sizes)
 
-    @classmethod
-    def check(cls, sizes: Any, where: str) -> None:
-        """Raise ValueError naming ``where`` when ``sizes`` (a config mapping) holds an unknown or bad size."""
-        try:
-            cls.from_dict(dict(sizes or {}))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: {err}") from None
+def check_language_model(lm: Any, where: str = "model.language_model") -> None:
+    """Raise ConfigError naming ``where`` unless ``lm`` is ``{path: DIR}`` or ``{tiny: {sizes}}`` with valid sizes."""
+    if not isinstance(lm, dict) or len(lm) != 1 or next(iter(lm)) not in ("path", "tiny"):
+        raise ConfigError(f"{where}: expected {{path: DIR}} or {{tiny: {{sizes}}}}, got {lm!r:.80}")
+    if "tiny" in lm:
+        from_mapping(TinyQwenSizes, lm["tiny"], f"{where}.tiny")
+    elif not isinstance(lm["path"], str) or not lm["path"]:
+        raise ConfigError(f"{where}.path: expected a checkpoint folder, got {lm['path']!r}")
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -194,7 +195,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, corpus: Optional[Iterable[
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
-    s = TinyQwenSizes.from_dict(sizes)
+    s = from_mapping(TinyQwenSizes, dict(sizes), "tiny Qwen sizes")
     texts = default_corpus() + list(corpus or [])
     tokenizer = _train_tokenizer(texts, s.bpe_vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END,
@@ -245,7 +246,7 @@ def default_tiny_qwen_dir(root: Optional[str | os.PathLike] = None, build: bool 
     different tiny sizes never share, or overwrite, each other's checkpoint.
     """
     defaults = TinyQwenSizes()
-    TinyQwenSizes.from_dict(sizes)  # reject unknown keys before naming a folder after them
+    from_mapping(TinyQwenSizes, dict(sizes), "tiny Qwen sizes")  # reject unknown keys before naming a folder after them
     # Sizes spelled out at their default values share the default folder.
     changed = {k: v for k, v in sizes.items() if getattr(defaults, k) != v}
     name = "tiny-qwen2.5-vl"

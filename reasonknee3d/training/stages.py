@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import MODULE_ROLES, TrainConfig
+from ..config import MODULE_ROLES, TrainConfig
 
 ModulePaths = Mapping[str, Sequence[str]]
 

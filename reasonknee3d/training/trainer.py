@@ -30,7 +30,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from ..attention import select_attn_implementation
 from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
-from .config import ExperimentConfig, TrainConfig, save_experiment_config
+from ..config import TrainConfig
+from ..families import ExperimentConfig, get_family, save_experiment_config
 from .losses import CoordinateSmoothedLoss, answer_logits_only, takes_logits_to_keep
 from .sampling import GradeBalancedSampler, grade_balance_weights
 from .stages import describe_trainable, setup_trainable, unwrap_base
@@ -185,8 +186,6 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     ``family`` overrides the family named by ``exp.family`` (tests pass a toy one); ``callbacks`` are added
     to the Trainer's own.
     """
-    from .families import get_family
-
     family = family if family is not None else get_family(exp.family)
     out = exp.output_dir()
     exp = replace(exp, train=replace(exp.train, output_dir=str(out)))

@@ -11,6 +11,11 @@ from reasonknee3d import cli
 from reasonknee3d.data.cache import SKIPPED_FILE, CacheMiss, VolumeCache, preprocess_release
 from reasonknee3d.data.transforms import PreprocessConfig, preprocess_volume
 
+import reasonknee3d
+from pathlib import Path
+
+PRESETS = Path(reasonknee3d.__file__).parent / "configs"
+
 CFG = PreprocessConfig(input_shape=(4, 6, 5))
 
 
@@ -57,7 +62,7 @@ def test_preprocess_cli_skips_bad_volumes_and_exits_nonzero(release_factory, tin
     tiny.write_nifti(bad_nan, img)
     tiny.write_nifti(bad_const, np.zeros(tiny.SHAPE, np.int16))
     cfg_file = tmp_path / "exp.yaml"
-    cfg_file.write_text("data:\n  input_shape: [4, 6, 5]\n")
+    cfg_file.write_text("family: 3d\ndata:\n  input_shape: [4, 6, 5]\nmodel:\n  encoder: {patch_size: [2, 3, 5]}\n")
     code = cli.main(["preprocess", "--data", str(rel.root), "--config", str(cfg_file)])
     assert code == 1
     cache_dir = rel.root / "cache" / "volumes"  # the default location
@@ -95,7 +100,7 @@ def test_preprocess_command_dispatches_slice_configs_to_the_feature_cache(tmp_pa
 
     release = tmp_path / "rel"
     write_synthetic_release(release, n_volumes=3, shape=(16, 32, 32), seed=0, questions=[1])
-    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_slice.yaml"
+    config = PRESETS / "tiny_slice.yaml"
     assert main(["preprocess", "--data", str(release), "--config", str(config), "--splits", "train"]) == 0
     assert list((release / "cache" / "slice_features").rglob("*.safetensors"))
     assert not (release / "cache" / "volumes").exists()

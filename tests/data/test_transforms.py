@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from reasonknee3d.config import ConfigError, from_mapping
 import torch
 
 from reasonknee3d.boxes import box_from_mask
@@ -19,13 +21,12 @@ def test_config_validation_and_yaml(tmp_path):
         PreprocessConfig(clip_percentiles=(99, 1))
     with pytest.raises(ValueError, match=r"input_shape must be 3 positive ints"):
         PreprocessConfig(input_shape=(8, 8))
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("model: {x: 1}\ndata:\n  input_shape: [4, 6, 6]\n  normalization: minmax\n")
-    cfg = PreprocessConfig.from_yaml(cfg_file)
+    cfg = from_mapping(PreprocessConfig, {"input_shape": [4, 6, 6], "normalization": "minmax"}, "data")
     assert cfg.input_shape == (4, 6, 6) and cfg.normalization == "minmax" and cfg.zoom_range == (0.9, 1.1)
-    cfg_file.write_text("data:\n  input_size: [4, 6, 6]\n")
-    with pytest.raises(ValueError, match=r"unknown preprocessing settings \['input_size'\] in .*c\.yaml \[data\]"):
-        PreprocessConfig.from_yaml(cfg_file)
+    with pytest.raises(ConfigError, match=r"data\.input_size: unknown key"):
+        from_mapping(PreprocessConfig, {"input_size": [4, 6, 6]}, "data")
+    with pytest.raises(ConfigError, match=r"data\.input_shape\[1\]: expected int, got 'six'"):
+        from_mapping(PreprocessConfig, {"input_shape": [4, "six", 6]}, "data")
 
 
 def test_array_settings_exclude_augmentation():
@@ -102,10 +103,11 @@ def test_augment_without_box_and_intensity_jitter():
     assert not torch.allclose(torch.as_tensor(d["image"]), img)
 
 
-def test_every_shipped_config_has_a_valid_data_section():
-    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
-    for path in configs:
-        PreprocessConfig.from_yaml(path)  # raises naming the file and key on a bad data: section
+def test_every_preset_loads():
+    from reasonknee3d.families import load_experiment_config, preset_names
+    assert len(preset_names()) >= 4
+    for name in preset_names():
+        assert isinstance(load_experiment_config(name).data, PreprocessConfig)
 
 
 def test_canonical_side_mirrors_the_other_knee_along_the_slice_axis(release):

@@ -11,8 +11,9 @@ from reasonknee3d.data.release import ReleaseError
 from reasonknee3d.data.synth import write_synthetic_release
 from reasonknee3d.evaluation.infer import infer
 from reasonknee3d.evaluation.predict import predict
-from reasonknee3d.models.modeling_reasonknee3d import build_reasonknee3d, save_model_dir
-from reasonknee3d.training.families import ReasonKnee3DFamily
+from reasonknee3d.models import save_model_dir
+from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import build_reasonknee3d
+from reasonknee3d.families.threed import ReasonKnee3DFamily
 
 SHAPE = (16, 32, 32)
 BOX = "<|box_start|>[1, 4, 5, 9, 10, 12]<|box_end|>"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reasonknee3d.models import register_auto_classes
-from reasonknee3d.models.configuration_reasonknee3d import ReasonKnee3DConfig
+from reasonknee3d.models.reasonknee3d.configuration_reasonknee3d import ReasonKnee3DConfig
 from reasonknee3d.models.tiny_qwen import build_tiny_qwen2_5_vl, mrope_section
 
 TOY_VOLUME_TOKEN = 100
@@ -74,7 +74,8 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def rk3d_dir(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ReasonKnee3D directory made by from_qwen2_5_vl: volume 8 x 16 x 16, 16 visual tokens, K = 16."""
-    from reasonknee3d.models.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration, save_model_dir
+    from reasonknee3d.models import save_model_dir
+    from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
     torch.manual_seed(0)
     model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(
         tiny_qwen_dir, encoder_config=toy_config().encoder_config.to_dict(),

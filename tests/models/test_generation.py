@@ -11,7 +11,7 @@ from reasonknee3d.constants import BOX_END, BOX_START, DIAGNOSIS_PREFIX
 from reasonknee3d.evaluation.parsing import parse_output
 from reasonknee3d.models.generation import (BoxLogitsProcessor, SeverityJSONLogitsProcessor,
                                             constrained_logits_processors)
-from reasonknee3d.models.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
+from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
 from reasonknee3d.schema import get_question, load_schema
 
 # Toy vocabulary: 1 = <|box_start|>, 2 = <|box_end|>, 10..25 = 16 coordinate bins, the rest is text.

@@ -9,7 +9,11 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 from reasonknee3d.cli import main
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny_3d.yaml"
+import reasonknee3d
+
+PRESETS = Path(reasonknee3d.__file__).parent / "configs"
+
+TINY = PRESETS / "tiny_3d.yaml"
 
 
 def test_init_tiny_3d_writes_a_loadable_directory(tmp_path, capsys):
@@ -34,7 +38,7 @@ def test_init_rejects_unknown_families_and_bad_model_sections(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("family: 2d\n")
     assert main(["init", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
-    assert "family must be 3d or slice, got '2d'" in capsys.readouterr().err
+    assert "family: unknown model family '2d'; expected one of ['3d', 'slice']" in capsys.readouterr().err
     raw = yaml.safe_load(TINY.read_text())
     # 8 depth patches are not divisible by 3
     raw["model"]["projector"] = {"projector_type": "pool3d_mlp", "pool_kernel": [3, 2, 2]}
@@ -44,12 +48,9 @@ def test_init_rejects_unknown_families_and_bad_model_sections(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_init_dispatches_the_slice_family(tmp_path, monkeypatch, capsys):
-    import reasonknee3d.models.slice_baseline as slice_baseline
+def test_init_goes_through_the_family_registry(tmp_path, monkeypatch, capsys):
+    from reasonknee3d.families.slice import SliceFamily
     seen = {}
-    monkeypatch.setattr(slice_baseline, "init_slice_model",
-                        lambda cfg, out: seen.update(cfg=cfg, out=out) or Path(out))
-    cfg = tmp_path / "slice.yaml"
-    cfg.write_text("family: slice\nmodel: {frames: 8}\n")
-    assert main(["init", "--config", str(cfg), "--out", str(tmp_path / "s")]) == 0
-    assert seen == {"cfg": {"family": "slice", "model": {"frames": 8}}, "out": tmp_path / "s"}
+    monkeypatch.setattr(SliceFamily, "init", lambda self, exp, out: seen.update(exp=exp, out=out) or Path(out))
+    assert main(["init", "--config", "tiny_slice", "--out", str(tmp_path / "s"), "model.num_frames=8"]) == 0
+    assert seen["exp"].family == "slice" and seen["exp"].model.num_frames == 8 and seen["out"] == tmp_path / "s"

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
 from reasonknee3d.constants import VOLUME_PAD
-from reasonknee3d.models.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
+from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
 
 
 def _model(config) -> ReasonKnee3DForConditionalGeneration:

@@ -9,8 +9,8 @@ from transformers import AutoProcessor
 
 from reasonknee3d.boxes import box_to_text, dequantize_boxes, quantize_boxes
 from reasonknee3d.constants import IGNORE_INDEX, VOLUME_PAD
-from reasonknee3d.models.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
-from reasonknee3d.models.processing_reasonknee3d import ReasonKnee3DProcessor
+from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
+from reasonknee3d.models.reasonknee3d.processing_reasonknee3d import ReasonKnee3DProcessor
 
 ANSWER = "Bright marrow signal.\nLocation: {box}\nFinal diagnosis: {{\"patella medial BML\": {{\"x\": 1}}}}"
 

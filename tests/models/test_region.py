@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from reasonknee3d.models.configuration_reasonknee3d import ReasonKnee3DConfig
-from reasonknee3d.models.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration, validate_model_section
-from reasonknee3d.models.region import box_end_bins, crop_regions, spread_regions
+from reasonknee3d.models.reasonknee3d.configuration_reasonknee3d import ReasonKnee3DConfig
+from reasonknee3d.models.reasonknee3d.configuration_reasonknee3d import ReasonKnee3DModelArgs
+from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
+from reasonknee3d.models.reasonknee3d.region import box_end_bins, crop_regions, spread_regions
 
 # Toy vocabulary (tests/models/conftest.py uses 100 for <|volume_pad|>): 16 coordinate tokens, box delimiters.
 COORDS = list(range(101, 117))
@@ -228,5 +229,6 @@ def test_region_size_not_divisible_by_the_patch_is_an_error(toy):
         _region_config(toy, region_size=[4, 8, 6])
     model = {"language_model": {"tiny": {}}, "encoder": {"patch_size": [4, 16, 16]}, "region_size": [8, 30, 32]}
     with pytest.raises(ValueError, match=r"model.region_size \[8, 30, 32\]"):
-        validate_model_section(model, [32, 64, 64])
-    assert validate_model_section({**model, "region_size": 16}, [32, 64, 64])["region_size"] == [16, 16, 16]
+        ReasonKnee3DModelArgs(**model).from_qwen_kwargs([32, 64, 64])
+    kwargs = ReasonKnee3DModelArgs(**{**model, "region_size": 16}).from_qwen_kwargs([32, 64, 64])
+    assert kwargs["region_size"] == [16, 16, 16]

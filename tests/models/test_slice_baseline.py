@@ -15,13 +15,21 @@ from reasonknee3d.constants import IGNORE_INDEX, VIDEO_PAD
 from reasonknee3d.data.io import load_volume
 from reasonknee3d.data.release import Sample
 from reasonknee3d.models.chat import encode_example
-from reasonknee3d.models.slice_baseline import (SLICE_CONFIG_ATTR, CachedFeatures, SliceBaselineConfig, SliceCollator,
-                                                SliceFeatureCache, build_slice_model, compute_video_features,
-                                                crop_to_box, generate_answers, init_slice_model, load_slice_model,
-                                                media_text, select_slices, token_count, video_processor_kwargs,
-                                                video_token_count, volume_to_frames, window_to_uint8)
+from reasonknee3d.families import get_family, load_experiment_config
+from reasonknee3d.families.slice import slice_predict_collate
+from reasonknee3d.evaluation.generate import generate_answers
+from reasonknee3d.models.slice.configuration_slice import SLICE_CONFIG_ATTR, SliceBaselineConfig
+from reasonknee3d.models.slice.features import CachedFeatures, SliceFeatureCache, compute_video_features
+from reasonknee3d.models.slice.modeling_slice import build_slice_model, load_slice_model
+from reasonknee3d.models.slice.processing_slice import (SliceCollator, crop_to_box, media_text, select_slices,
+                                                        token_count, video_processor_kwargs, video_token_count,
+                                                        volume_to_frames, window_to_uint8)
 from reasonknee3d.models.tiny_qwen import default_tiny_qwen_dir
 from reasonknee3d.schema import get_question
+
+import reasonknee3d
+
+PRESETS = Path(reasonknee3d.__file__).parent / "configs"
 
 SHAPE = (12, 40, 50)
 
@@ -154,17 +162,33 @@ def test_cached_features_give_the_same_loss_as_pixels(built, tmp_path):
     model.zero_grad()
 
 
-def test_init_reloads_with_adapter_and_generates(tiny_dir, tmp_path):
+def _generate(model, processor, cfg, samples, max_new_tokens=4):
+    batch, infos = slice_predict_collate(SliceCollator(processor, cfg, train=False))(samples)
+    return generate_answers(model, processor, get_family("slice"), batch, [i.question_id for i in infos],
+                            [i.orig_shape for i in infos], constrained=False, max_new_tokens=max_new_tokens)
+
+
+def test_a_saved_adapter_reloads_and_generates(tiny_dir, tmp_path):
+    """A folder holding the base weights and a LoRA adapter side by side (as training writes it) loads with the
+    adapter applied."""
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from reasonknee3d.config import TrainConfig
+    from reasonknee3d.families.slice import SliceFamily
+    from reasonknee3d.training.stages import setup_trainable
+
     cfg = make_cfg(tiny_dir)
-    exp = {"family": "slice", "model": cfg.to_dict(),
-           "train": {"encoder": "frozen", "projector": "frozen", "lora": {"r": 4, "alpha": 8}}}
-    out = init_slice_model(exp, tmp_path / "slice-init")
+    exp = load_experiment_config("tiny_slice", [f"model={json.dumps(cfg.to_dict())}"])
+    out = get_family("slice").init(exp, tmp_path / "slice-init")
     cfg_json = json.loads((out / "config.json").read_text())
     assert cfg_json[SLICE_CONFIG_ATTR]["num_bins"] == 16
+    assert not (out / "adapter_config.json").exists()  # init writes no adapter: the trainer adds LoRA
+    model, processor = load_slice_model(out)
+    family = SliceFamily()
+    train = TrainConfig(encoder="frozen", projector="frozen", lora={"r": 4, "alpha": 8})
+    setup_trainable(model, train, family.module_paths(model), family.new_token_ids(model, processor)).save_pretrained(out)
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["trainable_token_indices"] and "language_model" in adapter["target_modules"]
     weights = load_file(str(out / "adapter_model.safetensors"))
@@ -187,7 +211,7 @@ def test_init_reloads_with_adapter_and_generates(tiny_dir, tmp_path):
         ref = PeftModel.from_pretrained(base, out).eval()(**batch).logits
     assert torch.allclose(ours, ref, atol=1e-5)
     assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter is really applied
-    texts = generate_answers(model, SliceCollator(processor, cfg, train=False), samples, max_new_tokens=4, batch_size=2)
+    texts = _generate(model, processor, cfg, samples)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
@@ -215,7 +239,7 @@ def test_generate_answers_turns_coordinate_tokens_into_voxel_boxes(built, tmp_pa
     def fake_generate(input_ids, **kwargs):  # the prompt, then the scripted reply
         return torch.cat([input_ids, torch.tensor([reply]).expand(len(input_ids), -1)], dim=1)
     monkeypatch.setattr(model, "generate", fake_generate)
-    text = generate_answers(model, SliceCollator(processor, cfg, train=False), [sample])[0]
+    text = _generate(model, processor, cfg, [sample])[0]
     # Bins of 16 over the source shape (12, 40, 50): bin centres floor((k + 0.5) * L / 16).
     assert text == "Location: <|box_start|>[0, 11, 21, 21, 4, 7]<|box_end|>"
 
@@ -223,18 +247,19 @@ def test_generate_answers_turns_coordinate_tokens_into_voxel_boxes(built, tmp_pa
 def test_shipped_slice_configs(tmp_path, monkeypatch):
     import yaml
 
-    root = Path(__file__).parents[2] / "configs"
+    root = PRESETS
     real = yaml.safe_load((root / "slice_qwen2.5vl_3b.yaml").read_text())
-    from reasonknee3d.models.slice_baseline import as_slice_config, check_slice_train_config, slice_config_of
-    from reasonknee3d.training.config import TrainConfig
-    check_slice_train_config(TrainConfig(**real["train"]))
-    with pytest.raises(ValueError, match="train.projector"):
-        check_slice_train_config(TrainConfig(**{**real["train"], "projector": "full"}))
+    from reasonknee3d.config import ConfigError
+    from reasonknee3d.models.slice.configuration_slice import as_slice_config
+    from reasonknee3d.models.slice.modeling_slice import slice_config_of
+    load_experiment_config("slice_qwen2.5vl_3b")
+    with pytest.raises(ConfigError, match="train.projector"):
+        load_experiment_config("slice_qwen2.5vl_3b", ["train.projector=full"])
     assert token_count(real, (160, 384, 384)) == 5120  # all 160 slices, 224 x 224 frames
     tiny = yaml.safe_load((root / "tiny_slice.yaml").read_text())
     assert token_count(tiny, (160, 384, 384)) == 128
     monkeypatch.chdir(tmp_path)  # the tiny checkpoint is built under ./checkpoints
-    out = init_slice_model(tiny, tmp_path / "tiny-slice")
+    out = get_family("slice").init(load_experiment_config("tiny_slice"), tmp_path / "tiny-slice")
     model, processor = load_slice_model(out)
     assert slice_config_of(model) == as_slice_config(tiny)
     assert processor.video_processor.size["longest_edge"] == 112 * 112

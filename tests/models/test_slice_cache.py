@@ -9,7 +9,7 @@ import torch
 from reasonknee3d.data.cache import CacheMiss
 from reasonknee3d.data.io import load_volume
 from reasonknee3d.data.release import ReleaseLoader
-from reasonknee3d.models import slice_baseline as sb
+from reasonknee3d.models.slice import configuration_slice, features, modeling_slice, processing_slice
 from reasonknee3d.models.tiny_qwen import default_tiny_qwen_dir
 
 
@@ -24,46 +24,46 @@ def release(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     tiny = default_tiny_qwen_dir(tmp_path_factory.getbasetemp())
-    return sb.SliceBaselineConfig(language_model={"path": str(tiny)}, num_bins=16, num_frames=4, frame_size=(56, 56),
+    return configuration_slice.SliceBaselineConfig(language_model={"path": str(tiny)}, num_bins=16, num_frames=4, frame_size=(56, 56),
                                   window_mode="percentile", window=(1, 99))
 
 
 def test_preprocess_fills_the_cache_once(release, cfg, tmp_path, monkeypatch):
     cache_dir = tmp_path / "feats"
-    res = sb.preprocess_slice_features(release, {"family": "slice", "model": cfg.to_dict()}, cache_dir)
+    res = modeling_slice.preprocess_slice_features(release, {"family": "slice", "model": cfg.to_dict()}, cache_dir)
     volumes = [v for s in ("train", "val", "test") for v in ReleaseLoader(release).volumes(s)]
     assert res.ok and res.n_done == len(volumes) == len(list(cache_dir.glob("*.safetensors")))
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # atomic writes left no temp files
 
     calls = []
-    real = sb.compute_video_features
-    monkeypatch.setattr(sb, "compute_video_features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = sb.preprocess_slice_features(release, cfg, cache_dir)
+    real = features.compute_video_features
+    monkeypatch.setattr(modeling_slice, "compute_video_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = modeling_slice.preprocess_slice_features(release, cfg, cache_dir)
     assert again.n_done == len(volumes) and calls == []  # every volume a cache hit
 
-    model, processor = sb.build_slice_model(cfg)
-    cache = sb.SliceFeatureCache.for_model(cache_dir, model.eval(), cfg)
+    model, processor = modeling_slice.build_slice_model(cfg)
+    cache = features.SliceFeatureCache.for_model(cache_dir, model.eval(), cfg)
     vol = volumes[0]
     entry = cache.load(vol.image_path)
     volume, meta = load_volume(vol.image_path)
-    feats, grid = real(model, processor, cfg, sb.volume_to_frames(volume, cfg))
+    feats, grid = real(model, processor, cfg, processing_slice.volume_to_frames(volume, cfg))
     assert torch.allclose(entry.features, feats, atol=1e-6) and torch.equal(entry.grid_thw, grid)
     assert entry.volume_shape == meta.shape == (16, 32, 32)
-    assert entry.features.shape[0] == sb.token_count(cfg, meta.shape)
+    assert entry.features.shape[0] == processing_slice.token_count(cfg, meta.shape)
 
 
 def test_key_tracks_settings_source_and_vision_weights(release, cfg, tmp_path):
-    model, _ = sb.build_slice_model(cfg)
+    model, _ = modeling_slice.build_slice_model(cfg)
     image = ReleaseLoader(release).volumes("train")[0].image_path
-    cache = sb.SliceFeatureCache.for_model(tmp_path, model, cfg)
+    cache = features.SliceFeatureCache.for_model(tmp_path, model, cfg)
     key = cache.key(image)
     # Settings that only affect the language side (bins, fps, prompts) keep the key ...
-    same = sb.SliceBaselineConfig(**{**cfg.to_dict(), "num_bins": 32, "fps": 1.0, "system_prompt": "hi"})
-    assert sb.SliceFeatureCache(tmp_path, cache.vision_id, same).key(image) == key
+    same = configuration_slice.SliceBaselineConfig(**{**cfg.to_dict(), "num_bins": 32, "fps": 1.0, "system_prompt": "hi"})
+    assert features.SliceFeatureCache(tmp_path, cache.vision_id, same).key(image) == key
     # ... frame settings, the source file and the vision weights change it.
-    other = sb.SliceBaselineConfig(**{**cfg.to_dict(), "num_frames": 6})
-    assert sb.SliceFeatureCache(tmp_path, cache.vision_id, other).key(image) != key
-    assert sb.SliceFeatureCache(tmp_path, "other-tower", cfg).key(image) != key
+    other = configuration_slice.SliceBaselineConfig(**{**cfg.to_dict(), "num_frames": 6})
+    assert features.SliceFeatureCache(tmp_path, cache.vision_id, other).key(image) != key
+    assert features.SliceFeatureCache(tmp_path, "other-tower", cfg).key(image) != key
     st = image.stat()
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert cache.key(image) != key
@@ -77,23 +77,23 @@ def test_fingerprint_is_shared_by_base_and_slice_model(cfg, tmp_path):
     """A slice model made from a base checkpoint reuses the base's cache entries (same vision weights)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model, _ = sb.build_slice_model(cfg)  # box tokens added: language side differs from the base
+    model, _ = modeling_slice.build_slice_model(cfg)  # box tokens added: language side differs from the base
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.language_model["path"])
-    assert sb.vision_fingerprint(model) == sb.vision_fingerprint(base)
+    assert features.vision_fingerprint(model) == features.vision_fingerprint(base)
     with torch.no_grad():
         base.model.visual.merger.mlp[0].weight.add_(1e-3)
     base._reasonknee3d_vision_fp = None
-    assert sb.vision_fingerprint(base) != sb.vision_fingerprint(model)
+    assert features.vision_fingerprint(base) != features.vision_fingerprint(model)
 
 
 def test_cached_batches_through_a_dataloader(release, cfg, tmp_path):
     """The trainer's loop: samples -> DataLoader(collate_fn=SliceCollator) -> model(**batch) on cached features."""
     from reasonknee3d.data.release import iter_samples
 
-    model, processor = sb.build_slice_model(cfg)
+    model, processor = modeling_slice.build_slice_model(cfg)
     samples = list(iter_samples(release, "train"))
-    cache = sb.SliceFeatureCache.for_model(tmp_path, model, cfg)
-    sb.preprocess_slice_features(release, cfg, tmp_path, splits=["train"])
-    loader = torch.utils.data.DataLoader(samples, batch_size=2, collate_fn=sb.SliceCollator(processor, cfg, cache))
+    cache = features.SliceFeatureCache.for_model(tmp_path, model, cfg)
+    modeling_slice.preprocess_slice_features(release, cfg, tmp_path, splits=["train"])
+    loader = torch.utils.data.DataLoader(samples, batch_size=2, collate_fn=processing_slice.SliceCollator(processor, cfg, cache))
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 2 and torch.isfinite(model(**batch).loss)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from reasonknee3d.config import from_mapping
 from reasonknee3d.constants import IMAGE_PAD, IM_END, QWEN_SPECIAL_TOKENS, VIDEO_PAD, VISION_END, VISION_START
 from reasonknee3d.models.tiny_qwen import (TinyQwenSizes, build_tiny_qwen2_5_vl, default_tiny_qwen_dir,
                                            mrope_section)
@@ -89,6 +90,6 @@ def test_mrope_section_sums_to_half_head_dim(head_dim):
 
 def test_sizes_are_validated():
     with pytest.raises(ValueError, match="hidden_sise"):
-        TinyQwenSizes.from_dict({"hidden_sise": 64})
+        from_mapping(TinyQwenSizes, {"hidden_sise": 64}, "tiny")
     with pytest.raises(ValueError, match="not divisible"):
         TinyQwenSizes(hidden_size=66, num_attention_heads=4)

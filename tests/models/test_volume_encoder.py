@@ -4,16 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reasonknee3d.models.configuration_reasonknee3d import VolumeEncoderConfig
-from reasonknee3d.models.volume_encoder import VolumeEncoder, sincos_3d
+from reasonknee3d.models.reasonknee3d.encoders import ViT3DConfig, ViT3DEncoder
+from reasonknee3d.models.reasonknee3d.encoders.vit3d import sincos_3d
 
 
-def _encoder(**kw) -> VolumeEncoder:
+def _encoder(**kw) -> ViT3DEncoder:
     torch.manual_seed(0)
     cfg = dict(input_size=[8, 16, 16], patch_size=[2, 8, 8], hidden_size=24, num_hidden_layers=2,
                num_attention_heads=3, intermediate_size=48)
     cfg.update(kw)
-    return VolumeEncoder(VolumeEncoderConfig(**cfg))
+    return ViT3DEncoder(ViT3DConfig(**cfg))
 
 
 def test_output_is_one_feature_per_patch_in_grid_order():
@@ -69,10 +69,10 @@ def test_bad_inputs_name_the_shape():
     enc = _encoder()
     with pytest.raises(ValueError, match=r"\(1, 1, 9, 16, 16\)"):
         enc(torch.randn(1, 1, 9, 16, 16))
-    with pytest.raises(ValueError, match="not divisible by patch_size"):
-        VolumeEncoderConfig(input_size=[10, 16, 16], patch_size=[4, 8, 8])
+    with pytest.raises(ValueError, match="not divisible by the vit3d encoder's input multiple"):
+        ViT3DConfig(input_size=[10, 16, 16], patch_size=[4, 8, 8])
     with pytest.raises(ValueError, match="pos_embed 'rope'"):
-        VolumeEncoderConfig(pos_embed="rope")
+        ViT3DConfig(pos_embed="rope")
 
 
 def test_float16_cache_volumes_are_cast_to_the_model_dtype():

@@ -16,10 +16,13 @@ from reasonknee3d.evaluation.parsing import parse_output
 from reasonknee3d.evaluation.predict import predict
 from reasonknee3d.schema import get_question
 from reasonknee3d.training.checkpoints import has_adapter
-from reasonknee3d.training.config import load_experiment_config
-from reasonknee3d.training.families import family_of_model_dir
+from reasonknee3d.families import load_experiment_config
+from reasonknee3d.families import family_of_model_dir
 
-CONFIGS = Path(__file__).parents[2] / "configs"
+import reasonknee3d
+
+PRESETS = Path(reasonknee3d.__file__).parent / "configs"
+CONFIGS = PRESETS
 # Instruction stage as in the real-size configs: LoRA on the LM, new coordinate-token rows, merged at the end.
 LORA = ["train.language_model=lora", "train.new_token_rows=true", "train.merge=true", "train.logging_steps=1",
         "train.per_device_batch_size=2", "train.dataloader_num_workers=0", "train.report_to=[]"]
@@ -88,7 +91,7 @@ def _check_loss_only_on_answers(run: Path) -> None:
 
 @pytest.mark.parametrize("config", ["tiny_3d.yaml", "tiny_slice.yaml"])
 def test_answer_only_logits_give_the_same_loss_and_gradients(tmp_path: Path, release: Path, config: str) -> None:
-    from reasonknee3d.training.families import get_family
+    from reasonknee3d.families import get_family
     from reasonknee3d.training.losses import answer_logits_only, takes_logits_to_keep
 
     exp = load_experiment_config(CONFIGS / config, [f"train.data_dir={release}", f"train.output_dir={tmp_path}"])

@@ -10,7 +10,7 @@ import torch
 from toy_family import ToyDataset, ToyFamily, collate, toy_experiment
 
 from reasonknee3d.schema import load_schema
-from reasonknee3d.training.config import ConfigError, TrainConfig
+from reasonknee3d.config import ConfigError, TrainConfig
 from reasonknee3d.training.sampling import GradeBalancedSampler, grade_balance_weights
 from reasonknee3d.training.trainer import run_training
 

@@ -8,6 +8,7 @@ toy under torchrun and dumps this rank's parameters (see ``test_multiprocess.py`
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,8 +19,9 @@ from transformers import PretrainedConfig, PreTrainedModel, Qwen2Config, Qwen2Mo
 from transformers.modeling_outputs import CausalLMOutput
 
 from reasonknee3d.constants import IGNORE_INDEX
-from reasonknee3d.training.config import ExperimentConfig, TrainConfig
-from reasonknee3d.training.families import Family
+from reasonknee3d.config import TrainConfig
+from reasonknee3d.data.transforms import PreprocessConfig
+from reasonknee3d.families import ExperimentConfig, Family
 
 VOCAB = 40
 NEW_TOKENS = [36, 37, 38, 39]  # "added" tokens whose rows train with train.new_token_rows
@@ -111,18 +113,25 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             "volumes": torch.stack([it["volume"] for it in items])}
 
 
+@dataclass
+class ToyModelArgs:
+    """The toy family's ``model:`` section."""
+    hidden: int = 16
+
+
 class ToyFamily(Family):
     model_class = ToyModel
+    model_config_class = ToyModelArgs
 
     def __init__(self, tie_word_embeddings: bool = False, n_samples: int = 24) -> None:
         self.tie = tie_word_embeddings
         self.n_samples = n_samples
 
-    def validate_model_config(self, model: dict[str, Any], data: Any, train: TrainConfig) -> None:
-        pass
+    def owns_model_dir(self, config: dict[str, Any]) -> bool:
+        return config.get("model_type") == ToyConfig.model_type
 
     def build(self, exp: ExperimentConfig, attn_implementation: str) -> tuple[nn.Module, Any]:
-        return ToyModel(ToyConfig(tie_word_embeddings=self.tie, **exp.model)), None
+        return ToyModel(ToyConfig(tie_word_embeddings=self.tie, hidden=exp.model.hidden)), None
 
     def load(self, model_dir: str | Path, attn_implementation: str) -> tuple[nn.Module, Any]:
         return ToyModel.from_pretrained(model_dir), None
@@ -153,6 +162,22 @@ class ToyFamily(Family):
     def num_bins(self, model: nn.Module) -> int:
         raise NotImplementedError("the toy family does not predict")
 
+    # The toy has no data layer of its own.
+    def preprocess(self, exp: Any, data_dir: Any, splits: Any, cache_dir: Any = None) -> Any:
+        raise NotImplementedError("the toy family has no cache")
+
+    def num_visual_tokens(self, exp: Any, volume_shape: Any) -> int:
+        return 1
+
+    def processor_visual_tokens(self, exp: Any, lm_dir: Any, volume: Any, prompt: str) -> int:
+        raise NotImplementedError("the toy family has no processor")
+
+    def file_batch(self, model: nn.Module, processor: Any, volume_path: Any, prompt: str, knee_side: Any = None) -> Any:
+        raise NotImplementedError("the toy family does not predict")
+
+    def example_batch(self, model: nn.Module, processor: Any, volume: Any, prompt: str, answer: str) -> Any:
+        raise NotImplementedError("the toy family has no processor")
+
 
 def toy_experiment(output_dir: str | Path, **train: Any) -> ExperimentConfig:
     """A toy experiment writing to ``output_dir``; ``train`` overrides TrainConfig fields."""
@@ -162,7 +187,8 @@ def toy_experiment(output_dir: str | Path, **train: Any) -> ExperimentConfig:
                                                                   "targets": ["q_proj", "v_proj"]})
     settings.update(train)
     lora = settings.pop("lora")
-    return ExperimentConfig(family="3d", data={}, model={}, train=TrainConfig(lora=lora, **settings))
+    return ExperimentConfig(family="3d", data=PreprocessConfig(), model=ToyModelArgs(),
+                            train=TrainConfig(lora=lora, **settings))
 
 
 if __name__ == "__main__":

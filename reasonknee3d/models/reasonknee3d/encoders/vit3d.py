@@ -16,9 +16,42 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_reasonknee3d import VolumeEncoderConfig
+from .base import EncoderConfig, Grid, register_encoder, triple
 
-Grid = tuple[int, int, int]
+POS_EMBED_TYPES = ("learned", "sincos")
+
+
+class ViT3DConfig(EncoderConfig):
+    """3D ViT over a single-channel volume ``(S, H, W)``, cut into non-overlapping patches."""
+
+    model_type = "reasonknee3d_encoder"
+    encoder_type: str = "vit3d"
+
+    patch_size: list[int] | tuple[int, ...] = (4, 8, 8)
+    """Patch extent per axis; ``input_size`` must be divisible by it."""
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    pos_embed: str = "learned"
+    """``learned`` (a parameter on the input grid, trilinearly resampled) or ``sincos`` (fixed, any grid)."""
+
+    def __post_init__(self, **kwargs) -> None:
+        self.patch_size = triple(self.patch_size, "encoder_config.patch_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"encoder_config.hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.pos_embed not in POS_EMBED_TYPES:
+            raise ValueError(f"encoder_config.pos_embed {self.pos_embed!r}: expected one of {POS_EMBED_TYPES}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def input_multiple(self) -> tuple[int, int, int]:
+        return tuple(self.patch_size)
+
+    def grid_for(self, volume_shape) -> Grid:
+        return tuple(s // p for s, p in zip(volume_shape, self.patch_size))
 
 
 def sincos_3d(grid: Grid, dim: int) -> torch.Tensor:
@@ -40,7 +73,7 @@ def sincos_3d(grid: Grid, dim: int) -> torch.Tensor:
 
 
 class PatchEmbed3D(nn.Module):
-    def __init__(self, config: VolumeEncoderConfig) -> None:
+    def __init__(self, config: ViT3DConfig) -> None:
         super().__init__()
         self.patch_size = tuple(config.patch_size)
         self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel_size=self.patch_size,
@@ -61,7 +94,7 @@ class EncoderAttention(nn.Module):
 
     is_causal = False
 
-    def __init__(self, config: VolumeEncoderConfig) -> None:
+    def __init__(self, config: ViT3DConfig) -> None:
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
@@ -87,10 +120,10 @@ class EncoderAttention(nn.Module):
         return self.proj(out.reshape(b, n, c))
 
 
-class EncoderBlock(GradientCheckpointingLayer):
+class ViT3DBlock(GradientCheckpointingLayer):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: VolumeEncoderConfig) -> None:
+    def __init__(self, config: ViT3DConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = EncoderAttention(config)
@@ -104,35 +137,36 @@ class EncoderBlock(GradientCheckpointingLayer):
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-class VolumeEncoderPreTrainedModel(PreTrainedModel):
-    config_class = VolumeEncoderConfig
-    config: VolumeEncoderConfig
+class ViT3DPreTrainedModel(PreTrainedModel):
+    config_class = ViT3DConfig
+    config: ViT3DConfig
     base_model_prefix = "encoder"
     main_input_name = "volumes"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["EncoderBlock"]
+    _no_split_modules = ["ViT3DBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, VolumeEncoder) and module.pos_embed is not None:
+        if isinstance(module, ViT3DEncoder) and module.pos_embed is not None:
             init.trunc_normal_(module.pos_embed, mean=0.0, std=self.config.initializer_range)
 
 
-class VolumeEncoder(VolumeEncoderPreTrainedModel):
+@register_encoder("vit3d", ViT3DConfig)
+class ViT3DEncoder(ViT3DPreTrainedModel):
     """``forward(volumes (B, C, S, H, W)) -> (features (B, D*H*W, hidden), grid (D, H, W))``, grid order."""
 
-    def __init__(self, config: VolumeEncoderConfig) -> None:
+    def __init__(self, config: ViT3DConfig) -> None:
         super().__init__(config)
         self.patch_embed = PatchEmbed3D(config)
         self.grid_size: Grid = config.grid_size
         # Learned embedding kept as a (1, C, D, H, W) grid so trilinear resampling is one interpolate call.
         self.pos_embed = (nn.Parameter(torch.zeros(1, config.hidden_size, *self.grid_size))
                           if config.pos_embed == "learned" else None)
-        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
+        self.blocks = nn.ModuleList(ViT3DBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()

@@ -25,13 +25,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
-from ..constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
-from ..io_utils import atomic_dir
-from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig, check_region_size
-from .projector import PROJECTORS, build_projector
+from ...constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
+from ..tiny_qwen import build_tiny_qwen2_5_vl
+from .configuration_reasonknee3d import ReasonKnee3DConfig, ReasonKnee3DModelArgs
+from .encoders import EncoderConfig, build_encoder
+from .projectors import ProjectorConfig, build_projector
 from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
-from .tiny_qwen import TinyQwenSizes, build_tiny_qwen2_5_vl
-from .volume_encoder import VolumeEncoder
 
 Grid = tuple[int, int, int]
 
@@ -61,7 +60,8 @@ class ReasonKnee3DPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "EncoderBlock"]
+    # The encoder's own block joins this list when the model is built (transformers collects the children's).
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -73,7 +73,7 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
 
     def __init__(self, config: ReasonKnee3DConfig) -> None:
         super().__init__(config)
-        self.encoder = VolumeEncoder._from_config(config.encoder_config)
+        self.encoder = build_encoder(config.encoder_config)
         self.projector = build_projector(config.projector_config, config.encoder_config.hidden_size,
                                          config.text_config.hidden_size)
         self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
@@ -342,7 +342,7 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
     def from_qwen2_5_vl(
         cls,
         path: str | Path,
-        encoder_config: VolumeEncoderConfig | dict | None = None,
+        encoder_config: EncoderConfig | dict | None = None,
         projector_config: ProjectorConfig | dict | None = None,
         num_bins: int = 64,
         attn_implementation: str = "auto",
@@ -359,9 +359,9 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         """
         from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig
 
-        from ..attention import select_attn_implementation
+        from ...attention import select_attn_implementation
+        from ..tokens import add_box_tokens, init_new_embeddings
         from .processing_reasonknee3d import ReasonKnee3DProcessor
-        from .tokens import add_box_tokens, init_new_embeddings
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -434,75 +434,25 @@ def _load_language_model(model: ReasonKnee3DForConditionalGeneration, path: Path
         model.lm_head.weight.data[: head.shape[0]].copy_(head.to(model.lm_head.weight.dtype))
 
 
-MODEL_SECTION_KEYS = ("language_model", "encoder", "projector", "num_bins", "attn_implementation", "dtype",
-                      "region_size")
-
-
-def validate_model_section(model: dict[str, Any], input_shape: Sequence[int]) -> dict[str, Any]:
-    """Check an experiment's ``model:`` mapping (family ``3d``) without building anything.
-
-    Returns the keyword arguments of ``from_qwen2_5_vl`` (``encoder_config`` gets ``input_size`` =
-    ``input_shape``, i.e. ``data.input_shape``). Raises ValueError naming the offending key.
-    """
-    unknown = sorted(set(model) - set(MODEL_SECTION_KEYS))
-    if unknown:
-        raise ValueError(f"model.{unknown[0]}: unknown key for family 3d; expected some of {list(MODEL_SECTION_KEYS)}")
-    lm = model.get("language_model")
-    if not isinstance(lm, dict) or len(lm) != 1 or next(iter(lm)) not in ("path", "tiny"):
-        raise ValueError(f"model.language_model must be {{path: DIR}} or {{tiny: {{sizes}}}}, got {lm!r}")
-    if "tiny" in lm:
-        TinyQwenSizes.check(lm["tiny"], where="model.language_model.tiny")
-    for key, cls in (("encoder", VolumeEncoderConfig), ("projector", ProjectorConfig)):
-        # PreTrainedConfig keeps unknown keyword arguments as attributes: a typo would be ignored silently.
-        typos = sorted(set(model.get(key) or {}) - set(cls.__annotations__))
-        if typos:
-            raise ValueError(f"model.{key}.{typos[0]}: unknown key; expected some of {list(cls.__annotations__)}")
-    encoder = dict(model.get("encoder") or {})
-    if "input_size" in encoder and list(encoder["input_size"]) != list(input_shape):
-        raise ValueError(f"model.encoder.input_size {encoder['input_size']} differs from data.input_shape "
-                         f"{list(input_shape)}; set only data.input_shape")
-    encoder["input_size"] = [int(v) for v in input_shape]
-    projector = dict(model.get("projector") or {})
-    # Building the sub-configs runs their validation (divisibility, registry names) now.
-    encoder_cfg, projector_cfg = VolumeEncoderConfig(**encoder), ProjectorConfig(**projector)
-    PROJECTORS[projector_cfg.projector_type].output_grid(encoder_cfg.grid_size, projector_cfg)
-    region = model.get("region_size")
-    if region is not None:
-        region = check_region_size(region, encoder_cfg.patch_size, "model.region_size")
-    return dict(encoder_config=encoder, projector_config=projector, num_bins=int(model.get("num_bins", 64)),
-                attn_implementation=model.get("attn_implementation", "auto"), dtype=model.get("dtype"),
-                region_size=region)
-
-
-def build_reasonknee3d(model: dict[str, Any], data: Any) -> tuple[ReasonKnee3DForConditionalGeneration, Any]:
+def build_reasonknee3d(model: ReasonKnee3DModelArgs | dict, data: Any) -> tuple[ReasonKnee3DForConditionalGeneration, Any]:
     """Fresh ``(model, processor)`` from an experiment's ``model:`` and ``data:`` sections (family ``3d``).
 
     ``model.language_model`` is ``{path: DIR}`` (a local Qwen2.5-VL checkpoint) or ``{tiny: {sizes}}``
     (a tiny Qwen2.5-VL-format checkpoint is built first, deterministically from its seed, and wrapped the
-    same way). ``data`` (mapping or ``PreprocessConfig``) fixes the input size and the preprocessing
-    settings stored in the processor.
+    same way). ``data`` (the data layer's ``PreprocessConfig``) fixes the input size and the preprocessing
+    settings stored in the processor. Mappings in the YAML layout are accepted for both.
     """
-    from ..data.transforms import PreprocessConfig
+    from ...config import from_mapping
+    from ...data.transforms import PreprocessConfig
 
-    prep = data if isinstance(data, PreprocessConfig) else PreprocessConfig.from_dict(data or {}, where="data")
-    kwargs = validate_model_section(model, prep.input_shape)
-    lm = model["language_model"]
+    if isinstance(model, dict):
+        model = from_mapping(ReasonKnee3DModelArgs, model, "model")
+    if isinstance(data, dict):
+        data = from_mapping(PreprocessConfig, data, "data")
+    kwargs = model.from_qwen_kwargs(data.input_shape)
+    lm = model.language_model
     with tempfile.TemporaryDirectory(prefix="tiny-qwen-") as tmp:
         lm_path = Path(lm["path"]) if "path" in lm else build_tiny_qwen2_5_vl(Path(tmp) / "lm", **(lm["tiny"] or {}))
         rk_model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(lm_path, **kwargs)
-    processor.preprocess = {k: v for k, v in prep.array_settings().items() if k != "input_shape"}
+    processor.preprocess = {k: v for k, v in data.array_settings().items() if k != "input_shape"}
     return rk_model, processor
-
-
-def init_reasonknee3d(experiment: dict[str, Any], out_dir: str | Path) -> Path:
-    """``reasonknee3d init`` for family ``3d``: write an untrained model + processor directory."""
-    model, processor = build_reasonknee3d(experiment.get("model") or {}, experiment.get("data") or {})
-    return save_model_dir(model, processor, out_dir)
-
-
-def save_model_dir(model: PreTrainedModel, processor: Any, out_dir: str | Path) -> Path:
-    """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed)."""
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return Path(out_dir)

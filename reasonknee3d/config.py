@@ -1,23 +1,23 @@
-"""Experiment configuration: one YAML file per experiment, mirrored by the dataclasses below.
+"""Configuration building blocks, below everything else in the package.
 
-A YAML file has four sections (``family``, ``data``, ``model``, ``train``). ``train`` is a
-:class:`TrainConfig`; ``data`` is validated by the data layer's ``PreprocessConfig``; ``model`` by the
-family's own config class (see :mod:`reasonknee3d.training.families`). ``key=value`` overrides
-(``train.max_steps=20``, ``model.projector.projector_type=mlp2x_gelu``) are applied before validation, so a bad
-override fails exactly like a bad file. Every error names the file and the dotted key.
+Every YAML section (``data``, ``model``, ``train``) is a dataclass; ``from_mapping`` builds any of them from a
+parsed mapping, rejecting unknown keys and values of the wrong type with an error that names the dotted key.
+The dataclasses' ``__post_init__`` then check what types cannot say (ranges, combinations) and raise
+``ValueError`` / ``ConfigError``. The experiment loader (``reasonknee3d.families.experiment``) puts the sections
+together; ``TrainConfig`` (how to train, the same for every family) lives here.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 
-from ..attention import ATTN_IMPLEMENTATIONS
-from ..io_utils import write_text
+from .attention import ATTN_IMPLEMENTATIONS
 
 STAGES = ("alignment", "instruction")
 MODULE_ROLES = ("encoder", "projector", "language_model")
@@ -132,7 +132,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
-            self.lora = _build(LoraSettings, self.lora, "train.lora")
+            self.lora = from_mapping(LoraSettings, self.lora, "train.lora")
         self.validate()
 
     def validate(self) -> None:
@@ -197,55 +197,35 @@ class TrainConfig:
         return {role: getattr(self, role) for role in MODULE_ROLES}
 
 
-@dataclass
-class ExperimentConfig:
-    """One experiment: model family, preprocessing, model construction and training."""
-
-    family: str
-    """3d (volume encoder + projector + Qwen LM) | slice (stock Qwen2.5-VL over slices)."""
-    data: Any
-    """Preprocessing (the data layer's PreprocessConfig, or its mapping before validation)."""
-    model: dict[str, Any]
-    """Family-specific model settings, validated by the family's config class."""
-    train: TrainConfig
-    """Training settings."""
-    source: Optional[str] = None
-    """File the config was read from (for messages and the default output folder)."""
-
-    def output_dir(self) -> Path:
-        """``train.output_dir``, or runs/<config file stem>."""
-        if self.train.output_dir:
-            return Path(self.train.output_dir)
-        return Path("runs") / (Path(self.source).stem if self.source else "experiment")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain mapping in the YAML layout (what ``save_experiment_config`` writes)."""
-        data = dataclasses.asdict(self.data) if dataclasses.is_dataclass(self.data) else dict(self.data or {})
-        return {"family": self.family, "data": _plain(data), "model": _plain(self.model),
-                "train": _plain(dataclasses.asdict(self.train))}
-
-
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Tuples -> lists and paths -> strings so yaml.safe_dump writes plain YAML."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
 
 
-def _coerce(value: Any, annotation: str, where: str) -> Any:
-    """Check ``value`` against a field annotation (as written in this module) and normalise numbers.
-
-    YAML reads ``2e-4`` (no dot) as a string, so float fields also accept numeric strings.
-    """
-    optional = annotation.startswith("Optional[")
-    kind = annotation[len("Optional["):-1] if optional else annotation
-    if value is None and optional:
-        return None
-    if kind == "float" and not isinstance(value, bool):
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the type hint ``hint``; numbers normalised (YAML reads ``2e-4`` as a string)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, arm, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where)
+    if hint is float and not isinstance(value, bool):
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -253,28 +233,58 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+    elif hint is bool and isinstance(value, bool):
         return value
-    elif kind == "bool" and isinstance(value, bool):
+    elif hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
         return value
-    elif kind == "str" and isinstance(value, str):
-        return value
-    elif kind == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    elif kind not in ("float", "int", "bool", "str", "list[str]"):
-        return value  # nested dataclasses and Any validate themselves
-    raise ConfigError(f"{where}: expected {kind}{' or null' if optional else ''}, got {value!r:.80}")
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r:.80}")
+            return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return origin(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    elif hint not in (float, bool, int, str) and origin is None:
+        return value  # a class of its own validates itself
+    raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r:.80}")
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, checking keys and value types; errors name ``where.key``."""
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    if typing.get_origin(hint) is dict or hint is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def from_mapping(cls: type, values: Any, where: str) -> Any:
+    """Dataclass ``cls`` from a mapping, checking keys and value types; every error names ``where.key``.
+
+    ``ValueError`` / ``TypeError`` from the class's own checks come back as ``ConfigError`` prefixed with
+    ``where`` (unless the message already names it).
+    """
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__} {values!r:.80}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(fields))})")
-    return cls(**{k: _coerce(v, str(fields[k].type), f"{where}.{k}") for k, v in values.items()})
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(names))})")
+    checked = {k: _check(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
@@ -301,50 +311,3 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             node = child
         node[path[-1]] = value
     return raw
-
-
-def experiment_from_dict(raw: dict[str, Any], source: Optional[str] = None) -> ExperimentConfig:
-    """Validate a parsed YAML mapping; errors are prefixed with ``source``."""
-    where = f"{source}: " if source else ""
-    try:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"expected a mapping with family, data, model, train; got {type(raw).__name__}")
-        unknown = sorted(set(raw) - {"family", "data", "model", "train"})
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown top-level key (valid: family, data, model, train)")
-        family = raw.get("family")
-        model = raw.get("model") or {}
-        if not isinstance(model, dict):
-            raise ConfigError(f"model: expected a mapping, got {model!r:.80}")
-        train = _build(TrainConfig, raw.get("train") or {}, "train")
-        # Imported here: families.py imports this module.
-        from .families import get_family
-        fam = get_family(family)
-        data = fam.validate_data_config(raw.get("data") or {})
-        fam.validate_model_config(model, data, train)
-        return ExperimentConfig(family=family, data=data, model=model, train=train, source=source)
-    except ConfigError as err:
-        raise ConfigError(f"{where}{err}") from None
-
-
-def load_experiment_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``key=value`` overrides, validate every section."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    raw = raw if raw is not None else {}
-    if isinstance(raw, dict):
-        try:
-            apply_overrides(raw, overrides)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-    return experiment_from_dict(raw, source=str(path))
-
-
-def save_experiment_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config (stage defaults filled in) as YAML, atomically."""
-    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

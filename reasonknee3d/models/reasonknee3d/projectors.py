@@ -2,32 +2,66 @@
 
 Every projector reports, from the patch grid alone, the token grid it emits (``output_grid``) and its
 token count (``num_output_tokens``), so the processor expands the right number of placeholders and the
-model lays out M-RoPE positions without running anything. Add a projector by subclassing ``Projector``
-and registering it with ``@register_projector("name")``.
+model lays out M-RoPE positions without running anything. Each projector has its own config class (a
+``ProjectorConfig`` subclass holding only its parameters). Add a projector by subclassing ``Projector``
+and ``ProjectorConfig`` and registering the pair with ``@register_projector("name", NameConfig)``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, PreTrainedConfig
 
-from .configuration_reasonknee3d import ProjectorConfig
+from .encoders.base import Grid, triple
 
-Grid = tuple[int, int, int]
+
+class ProjectorConfig(PreTrainedConfig):
+    """Base of the projector configs; ``projector_type`` names the registry entry."""
+
+    model_type = "reasonknee3d_projector_base"
+    base_config_key = "projector_config"
+    projector_type: str = ""
+
 
 PROJECTORS: dict[str, type["Projector"]] = {}
+PROJECTOR_CONFIGS: dict[str, type[ProjectorConfig]] = {}
 
 
-def register_projector(name: str) -> Callable[[type["Projector"]], type["Projector"]]:
+def register_projector(name: str, config_class: type[ProjectorConfig]) -> Callable[[type["Projector"]], type["Projector"]]:
     def add(cls: type[Projector]) -> type[Projector]:
         if name in PROJECTORS:
             raise ValueError(f"projector {name!r} is already registered ({PROJECTORS[name].__name__})")
-        PROJECTORS[name] = cls
+        if config_class.projector_type != name:
+            raise ValueError(f"{config_class.__name__}.projector_type is {config_class.projector_type!r}, "
+                             f"registered as {name!r}")
+        PROJECTORS[name], PROJECTOR_CONFIGS[name] = cls, config_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         return cls
     return add
+
+
+def projector_config(value: ProjectorConfig | dict | None, strict: bool = False,
+                     default: str = "mlp2x_gelu") -> ProjectorConfig:
+    """The config object of ``value`` (a mapping picks its class by ``projector_type``); ``strict`` rejects
+    keys the class does not declare (experiment files; saved config.json files carry transformers' own keys)."""
+    if isinstance(value, ProjectorConfig):
+        return value
+    values = dict(value or {})
+    name = values.pop("projector_type", None) or default
+    if name not in PROJECTOR_CONFIGS:
+        raise ValueError(f"projector_config.projector_type {name!r}: expected one of {sorted(PROJECTOR_CONFIGS)}")
+    cls = PROJECTOR_CONFIGS[name]
+    values.pop("model_type", None)
+    if strict:
+        own = sorted({k for c in cls.__mro__ if issubclass(c, ProjectorConfig) for k in c.__annotations__})
+        typos = sorted(set(values) - set(own))
+        if typos:
+            raise ValueError(f"projector.{typos[0]}: unknown key for projector {name!r}; expected some of {own}")
+    return cls(**values)
 
 
 class Projector(nn.Module):
@@ -47,7 +81,12 @@ def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
-@register_projector("mlp2x_gelu")
+class MLP2xGELUConfig(ProjectorConfig):
+    model_type = "reasonknee3d_projector"
+    projector_type: str = "mlp2x_gelu"
+
+
+@register_projector("mlp2x_gelu", MLP2xGELUConfig)
 class MLP2xGELUProjector(Projector):
     """One language-model token per encoder patch."""
 
@@ -59,7 +98,19 @@ class MLP2xGELUProjector(Projector):
         return self.mlp(features)
 
 
-@register_projector("pool3d_mlp")
+class Pool3DMLPConfig(ProjectorConfig):
+    model_type = "reasonknee3d_projector_pool3d_mlp"
+    projector_type: str = "pool3d_mlp"
+
+    pool_kernel: list[int] | tuple[int, ...] = (1, 1, 1)
+    """Average-pooling kernel (= stride) over the patch grid (D, H, W)."""
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.pool_kernel = triple(self.pool_kernel, "projector_config.pool_kernel")
+        super().__post_init__(**kwargs)
+
+
+@register_projector("pool3d_mlp", Pool3DMLPConfig)
 class Pool3DMLPProjector(Projector):
     """Average-pool the patch grid by ``pool_kernel`` (stride = kernel), then the 2-layer GELU MLP.
 
@@ -89,9 +140,4 @@ class Pool3DMLPProjector(Projector):
 
 def build_projector(config: ProjectorConfig, in_dim: int, out_dim: int) -> Projector:
     """The registered projector named by ``config.projector_type``."""
-    try:
-        cls = PROJECTORS[config.projector_type]
-    except KeyError:
-        raise ValueError(f"unknown projector_type {config.projector_type!r}; expected one of "
-                         f"{sorted(PROJECTORS)}") from None
-    return cls(config, in_dim, out_dim)
+    return PROJECTORS[config.projector_type](config, in_dim, out_dim)

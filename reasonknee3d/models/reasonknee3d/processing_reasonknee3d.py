@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from ..boxes import coord_tokens_to_text, mirror_text_boxes, voxel_text_to_coord_tokens
-from ..constants import VISION_END, VISION_START, VOLUME_PAD
-from .chat import decode_answer, encode_example, pad_examples
+from ...boxes import coord_tokens_to_text, mirror_text_boxes, voxel_text_to_coord_tokens
+from ...constants import VISION_END, VISION_START, VOLUME_PAD
+from ..chat import decode_answer, encode_example, pad_examples
 
 if TYPE_CHECKING:
-    from ..data.transforms import PreprocessConfig
+    from ...data.transforms import PreprocessConfig
 
 Shape = tuple[int, int, int]
 VolumeInput = torch.Tensor | np.ndarray | str | Path
@@ -54,7 +54,7 @@ class ReasonKnee3DProcessor(ProcessorMixin):
 
     def preprocess_config(self) -> "PreprocessConfig":
         """The data layer's ``PreprocessConfig`` this processor's model was trained with."""
-        from ..data.transforms import PreprocessConfig
+        from ...data.transforms import PreprocessConfig
         return PreprocessConfig(**{**self.preprocess, "input_shape": tuple(self.volume_size)})
 
     def load_volume(self, volume: VolumeInput) -> tuple[torch.Tensor, Shape]:
@@ -67,7 +67,7 @@ class ReasonKnee3DProcessor(ProcessorMixin):
         the loaded array's. An array must already be preprocessed to ``volume_size``.
         """
         if isinstance(volume, (str, Path)):
-            from ..data.transforms import preprocess_volume
+            from ...data.transforms import preprocess_volume
             arr, orig_shape = preprocess_volume(volume, self.preprocess_config())
             return torch.from_numpy(arr)[None], tuple(orig_shape)
         t = torch.as_tensor(volume)
