@@ -93,7 +93,6 @@ def test_failed_write_leaves_no_partial_entry(release, tmp_path, monkeypatch):
 
 def test_preprocess_command_dispatches_slice_configs_to_the_feature_cache(tmp_path):
     """`preprocess --config <slice yaml>` fills the vision-feature cache, not the volume cache."""
-    from pathlib import Path
 
     from reasonknee3d.cli import main
     from reasonknee3d.data.synth import write_synthetic_release

@@ -1,7 +1,6 @@
 """Preprocessing config and pipelines; boxes follow every geometric transform (mask box vs moved box)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
