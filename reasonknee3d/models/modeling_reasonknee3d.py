@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,7 @@ from ..io_utils import atomic_dir
 from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig, check_region_size
 from .projector import PROJECTORS, build_projector
 from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
-from .tiny_qwen import TinyQwenSizes, build_tiny_qwen2_5_vl
+from .tiny_qwen import TinyQwenSizes, default_tiny_qwen_dir
 from .volume_encoder import VolumeEncoder
 
 Grid = tuple[int, int, int]
@@ -478,8 +477,8 @@ def build_reasonknee3d(model: dict[str, Any], data: Any) -> tuple[ReasonKnee3DFo
     """Fresh ``(model, processor)`` from an experiment's ``model:`` and ``data:`` sections (family ``3d``).
 
     ``model.language_model`` is ``{path: DIR}`` (a local Qwen2.5-VL checkpoint) or ``{tiny: {sizes}}``
-    (a tiny Qwen2.5-VL-format checkpoint is built first, deterministically from its seed, and wrapped the
-    same way). ``data`` (mapping or ``PreprocessConfig``) fixes the input size and the preprocessing
+    (a tiny Qwen2.5-VL-format checkpoint, deterministic from its seed, is built into the user cache on first
+    use and wrapped the same way). ``data`` (mapping or ``PreprocessConfig``) fixes the input size and the preprocessing
     settings stored in the processor.
     """
     from ..data.transforms import PreprocessConfig
@@ -487,9 +486,10 @@ def build_reasonknee3d(model: dict[str, Any], data: Any) -> tuple[ReasonKnee3DFo
     prep = data if isinstance(data, PreprocessConfig) else PreprocessConfig.from_dict(data or {}, where="data")
     kwargs = validate_model_section(model, prep.input_shape)
     lm = model["language_model"]
-    with tempfile.TemporaryDirectory(prefix="tiny-qwen-") as tmp:
-        lm_path = Path(lm["path"]) if "path" in lm else build_tiny_qwen2_5_vl(Path(tmp) / "lm", **(lm["tiny"] or {}))
-        rk_model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(lm_path, **kwargs)
+    # The tiny LM is built once into the user cache (default_tiny_qwen_dir): under torchrun every rank reads
+    # rank 0's build, since transformers writes model files on rank 0 only.
+    lm_path = Path(lm["path"]) if "path" in lm else default_tiny_qwen_dir(**(lm["tiny"] or {}))
+    rk_model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(lm_path, **kwargs)
     processor.preprocess = {k: v for k, v in prep.array_settings().items() if k != "input_shape"}
     return rk_model, processor
 
