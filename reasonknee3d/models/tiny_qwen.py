@@ -9,10 +9,13 @@ and a ``Qwen2_5_VLProcessor``. ``AutoProcessor`` / ``AutoTokenizer`` /
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -23,7 +26,7 @@ from ..boxes import box_to_text
 from ..constants import (ENDOFTEXT, IM_END, IMAGE_PAD, LOCATION_PREFIX, QWEN_SPECIAL_TOKENS, VIDEO_PAD,
                          VISION_END, VISION_START)
 from ..schema import load_schema
-from ..io_utils import atomic_dir
+from ..io_utils import atomic_dir, write_json
 
 # The text part of Qwen2.5-VL-3B-Instruct (its config.json values): the default language model of the 3D-native
 # config and the shapes of the real-size benchmark. The one place these sizes are written.
@@ -236,28 +239,114 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, corpus: Optional[Iterable[
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        # transformers writes a model's config and weights only on rank 0 of an initialized process group
+        # (PreTrainedModel.save_pretrained ignores is_main_process there); never publish such a partial folder.
+        missing = [f for f in ("config.json", "tokenizer.json") if not (tmp / f).is_file()]
+        missing += [] if any(tmp.glob("model*.safetensors")) else ["model.safetensors"]
+        if missing:
+            rank, world = _process_rank()
+            raise RuntimeError(f"building the tiny Qwen checkpoint {out_dir}: save_pretrained wrote no {missing} "
+                               f"(process rank {rank} of {world}; transformers saves models on rank 0 only, so "
+                               f"build on rank 0, e.g. through default_tiny_qwen_dir)")
     return Path(out_dir)
 
 
-def default_tiny_qwen_dir(root: Optional[str | os.PathLike] = None, build: bool = True, **sizes: int) -> Path:
-    """``<root or CWD>/checkpoints/tiny-qwen2.5-vl``, built on first use and reused afterwards.
+CACHE_ENV = "REASONKNEE3D_CACHE"
+"""Environment variable naming the folder that holds this package's caches (tiny checkpoints)."""
 
-    Non-default ``sizes`` get their own folder (``tiny-qwen2.5-vl-<hash of the sizes>``), so configs with
-    different tiny sizes never share, or overwrite, each other's checkpoint.
+TINY_BUILD_MARKER = "reasonknee3d_tiny_qwen.json"
+"""File written last into a cached tiny checkpoint: what it was built from. A folder without it is not used."""
+
+TINY_BUILD_FORMAT = 1
+"""Bumped when ``build_tiny_qwen2_5_vl`` changes what it writes, so older cached folders are not reused."""
+
+
+def user_cache_dir() -> Path:
+    """Folder for this package's caches: ``$REASONKNEE3D_CACHE``, else ``$XDG_CACHE_HOME/reasonknee3d``, else
+    ``~/.cache/reasonknee3d``. Never the current directory, so runs do not leave files where they were started."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "reasonknee3d"
+
+
+def tiny_qwen_build_info(sizes: TinyQwenSizes) -> dict[str, Any]:
+    """Everything the bytes of a tiny checkpoint depend on: all sizes (seed included), the corpus its BPE is
+    trained on, the build format and the versions of the libraries that initialize, train and save it.
+
+    A cached checkpoint is reused only when all of these match, so a cached folder always equals a fresh build.
     """
-    defaults = TinyQwenSizes()
-    from_mapping(TinyQwenSizes, dict(sizes), "tiny Qwen sizes")  # reject unknown keys before naming a folder after them
-    # Sizes spelled out at their default values share the default folder.
-    changed = {k: v for k, v in sizes.items() if getattr(defaults, k) != v}
-    name = "tiny-qwen2.5-vl"
-    if changed:
-        name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(root if root is not None else Path.cwd()) / "checkpoints" / name
-    if build and not (path / "config.json").is_file():
-        tmp = build_tiny_qwen2_5_vl(path.parent / f".{name}.{os.getpid()}.build", **changed)
+    from importlib.metadata import version
+
+    corpus = hashlib.sha256(json.dumps(default_corpus(), ensure_ascii=False).encode()).hexdigest()
+    return {"format": TINY_BUILD_FORMAT, "sizes": dataclasses.asdict(sizes), "corpus_sha256": corpus,
+            "versions": {name: version(name) for name in ("torch", "transformers", "tokenizers", "safetensors")}}
+
+
+def _process_rank() -> tuple[int, int]:
+    """(rank, world size) of an initialized torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / TINY_BUILD_MARKER).is_file() and (path / "config.json").is_file()
+
+
+def _build_into(path: Path, sizes: dict[str, Any], info: dict[str, Any]) -> None:
+    """Build in a private temporary sibling and rename it to ``path``; if another process renamed its own
+    (identical) build there first, keep that one and drop ours."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".build", dir=path.parent))
+    try:
+        built = build_tiny_qwen2_5_vl(staging / "checkpoint", **sizes)
+        write_json(built / TINY_BUILD_MARKER, info)
         try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process (e.g. a second torchrun rank) finished first; the build is deterministic.
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.rename(built, path)
+        except OSError as err:
+            if not _is_complete(path):
+                raise FileExistsError(f"{path} exists but is not a complete tiny Qwen checkpoint (no "
+                                      f"{TINY_BUILD_MARKER}); remove it and run again") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def default_tiny_qwen_dir(root: Optional[str | os.PathLike] = None, build: bool = True,
+                          wait_s: float = 600.0, **sizes: int) -> Path:
+    """``<root>/checkpoints/tiny-qwen2.5-vl-<fingerprint>``, built on first use and reused afterwards.
+
+    ``root`` defaults to ``user_cache_dir()`` (``$REASONKNEE3D_CACHE`` overrides it). The fingerprint covers
+    ``tiny_qwen_build_info``: configs with different sizes, and installs with different library versions,
+    never share or overwrite each other's checkpoint, and a reused folder equals a fresh build.
+
+    Several processes may ask at once. Without a process group, each one that finds no complete folder builds
+    one in a private temporary sibling and renames it into place; the first rename wins (the builds are
+    identical). Under an initialized torch.distributed process group only rank 0 builds: transformers'
+    ``save_pretrained`` writes no config or weights on any other rank, even into a rank-private folder. The
+    other ranks wait (up to ``wait_s`` seconds) for rank 0's folder to appear, polling the file system rather
+    than joining a collective, so it does not matter which ranks call this or in what order.
+    """
+    s = from_mapping(TinyQwenSizes, dict(sizes), "tiny Qwen sizes")  # reject unknown keys before naming a folder after them
+    info = tiny_qwen_build_info(s)
+    digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(root if root is not None else user_cache_dir()).expanduser() / "checkpoints" / f"tiny-qwen2.5-vl-{digest}"
+    if not build or _is_complete(path):
+        return path
+    rank, world = _process_rank()
+    if rank == 0:
+        _build_into(path, sizes, info)
+        return path
+    deadline = time.monotonic() + wait_s
+    while not _is_complete(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {rank} of {world}: waited {wait_s:.0f} s for rank 0 to build the tiny Qwen checkpoint "
+                f"{path}; every rank must see the same cache folder (set {CACHE_ENV} to a folder shared by all "
+                f"nodes, or build it once per node before launching, e.g. `reasonknee3d init`)")
+        time.sleep(0.2)
     return path

@@ -42,7 +42,7 @@ def _rows(path: Path) -> list[dict]:
 @pytest.mark.slow  # 10-15 s per family on 2 shared cores (tiny LM build, 2 steps, 5 generations)
 @pytest.mark.parametrize("config", ["tiny_3d.yaml", "tiny_slice.yaml"])
 def test_train_predict_resume(tmp_path: Path, release: Path, config: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # the tiny Qwen checkpoint is built under ./checkpoints
+    monkeypatch.chdir(tmp_path)  # a stray relative path lands in the test folder
     run = tmp_path / "run"
     assert main(["train", "--config", str(CONFIGS / config), "--data", str(release), "--output-dir", str(run),
                  "--max-steps", "2", *LORA]) == 0

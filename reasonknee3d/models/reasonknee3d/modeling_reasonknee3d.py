@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +25,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
 from ...constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
-from ..tiny_qwen import build_tiny_qwen2_5_vl
+from ..tiny_qwen import default_tiny_qwen_dir
 from .configuration_reasonknee3d import ReasonKnee3DConfig, ReasonKnee3DModelArgs
 from .encoders import EncoderConfig, build_encoder
 from .projectors import ProjectorConfig, build_projector
@@ -438,9 +437,9 @@ def build_reasonknee3d(model: ReasonKnee3DModelArgs | dict, data: Any) -> tuple[
     """Fresh ``(model, processor)`` from an experiment's ``model:`` and ``data:`` sections (family ``3d``).
 
     ``model.language_model`` is ``{path: DIR}`` (a local Qwen2.5-VL checkpoint) or ``{tiny: {sizes}}``
-    (a tiny Qwen2.5-VL-format checkpoint is built first, deterministically from its seed, and wrapped the
-    same way). ``data`` (the data layer's ``PreprocessConfig``) fixes the input size and the preprocessing
-    settings stored in the processor. Mappings in the YAML layout are accepted for both.
+    (a tiny Qwen2.5-VL-format checkpoint, deterministic from its seed, is built into the user cache on first
+    use and wrapped the same way). ``data`` (the data layer's ``PreprocessConfig``) fixes the input size and the
+    preprocessing settings stored in the processor. Mappings in the YAML layout are accepted for both.
     """
     from ...config import from_mapping
     from ...data.transforms import PreprocessConfig
@@ -451,8 +450,9 @@ def build_reasonknee3d(model: ReasonKnee3DModelArgs | dict, data: Any) -> tuple[
         data = from_mapping(PreprocessConfig, data, "data")
     kwargs = model.from_qwen_kwargs(data.input_shape)
     lm = model.language_model
-    with tempfile.TemporaryDirectory(prefix="tiny-qwen-") as tmp:
-        lm_path = Path(lm["path"]) if "path" in lm else build_tiny_qwen2_5_vl(Path(tmp) / "lm", **(lm["tiny"] or {}))
-        rk_model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(lm_path, **kwargs)
+    # The tiny LM is built once into the user cache (default_tiny_qwen_dir): under torchrun every rank reads
+    # rank 0's build, since transformers writes model files on rank 0 only.
+    lm_path = Path(lm["path"]) if "path" in lm else default_tiny_qwen_dir(**(lm["tiny"] or {}))
+    rk_model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(lm_path, **kwargs)
     processor.preprocess = {k: v for k, v in data.array_settings().items() if k != "input_shape"}
     return rk_model, processor
