@@ -56,7 +56,11 @@ def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .data.dicom import convert_dicom
-        print(convert_dicom(a.dicom_dir, a.out))
+        try:
+            print(convert_dicom(a.dicom_dir, a.out))
+        except (ValueError, OSError) as e:  # DicomSeriesError names the file and tag
+            print(f"reasonknee3d convert-dicom: {e}", file=sys.stderr)
+            return 2
         return 0
     p.set_defaults(func=run)
 
