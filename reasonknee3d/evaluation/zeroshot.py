@@ -437,19 +437,19 @@ class OpenAIChatClient:
                     self.json_mode = False
                     continue  # not a retry: the request itself changes
                 if e.code != 429 and not 500 <= e.code < 600:
-                    raise ZeroShotError(f"{self.url}: HTTP {e.code}: {detail}") from None
+                    raise ZeroShotError(self.redact(f"{self.url}: HTTP {e.code}: {detail}")) from None
                 retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
                 last = f"HTTP {e.code}: {detail}"
             except _NotRetried:
                 raise
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                # URLError wraps connect failures; socket.timeout is TimeoutError; a server that closes early
-                # raises RemoteDisconnected / IncompleteRead (http.client).
+            except (OSError, http.client.HTTPException) as e:
+                # OSError covers URLError (connect failures), TimeoutError (the deadline) and TLS / connection
+                # resets while reading; a server that closes early raises IncompleteRead (http.client).
                 last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
             except ZeroShotError as e:
                 last = str(e)
             if attempt >= self.max_retries:
-                raise ZeroShotError(f"{self.url}: failed after {attempt + 1} attempts; last error: {last}")
+                raise ZeroShotError(self.redact(f"{self.url}: failed after {attempt + 1} attempts; last error: {last}"))
             delay = self._delay(attempt, retry_after)
             logger.info("%s: %s; retry %d/%d in %.1fs", self.url, last, attempt + 1, self.max_retries, delay)
             self.sleep(delay)
