@@ -100,9 +100,10 @@ def check_declared_size(path: Path, img: nib.Nifti1Image) -> int:
             raise VolumeError(f"{path}: {what}; expected at most {MAX_COMPRESSED_DATA_BYTES} bytes in a "
                               f"compressed volume (corrupt header?)")
         if suffix == ".gz" and offset + declared > file_size * _DEFLATE_MAX_RATIO:
+            least = -(-(offset + declared) // _DEFLATE_MAX_RATIO)
             raise VolumeError(f"{path}: {what}, more than a {file_size}-byte gzip file can expand to "
-                              f"({_DEFLATE_MAX_RATIO}x); expected a file of at least "
-                              f"{-(-(offset + declared) // _DEFLATE_MAX_RATIO)} bytes (truncated file or corrupt header?)")
+                              f"({_DEFLATE_MAX_RATIO}x); expected a file of at least {least} bytes "
+                              f"(truncated file or corrupt header?)")
     elif offset + declared > file_size:
         raise VolumeError(f"{path}: {what} from byte {offset}, but {image_file.name} has {file_size} bytes; "
                           f"expected at least {offset + declared} (truncated file or corrupt header?)")

@@ -212,7 +212,10 @@ class _DeadlineReader(io.RawIOBase):
         if left <= 0:
             raise TimeoutError(f"no complete reply within the request timeout of {self._timeout:g} s")
         self._sock.settimeout(left)
-        return self._io.readinto(buf)
+        try:
+            return self._io.readinto(buf)
+        except TimeoutError:  # the socket timeout is the time left, so this is the overall deadline
+            raise TimeoutError(f"no complete reply within the request timeout of {self._timeout:g} s") from None
 
     def close(self) -> None:
         if not self.closed:
@@ -253,8 +256,8 @@ class _DeadlineConnection:
         super().send(data)  # type: ignore[misc]
 
     def response_class(self, sock: socket.socket, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
-        return http.client.HTTPResponse(_DeadlineSocket(sock, self._deadline, self._overall_timeout),  # type: ignore[arg-type]
-                                        *args, **kwargs)
+        shim = _DeadlineSocket(sock, self._deadline, self._overall_timeout)
+        return http.client.HTTPResponse(shim, *args, **kwargs)  # type: ignore[arg-type]
 
 
 class _DeadlineHTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
@@ -269,9 +272,10 @@ class _DeadlineHandler:
     """Mixin for urllib's HTTP(S) handlers: the connection gets the request's deadline (``req.deadline``)."""
 
     def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
-        cls = (_DeadlineHTTPSConnection if isinstance(http_class, type) and issubclass(http_class, http.client.HTTPSConnection)
-               else _DeadlineHTTPConnection)
-        conn = functools.partial(cls, deadline=req.deadline, overall_timeout=req.overall_timeout)  # type: ignore[attr-defined]
+        tls = isinstance(http_class, type) and issubclass(http_class, http.client.HTTPSConnection)
+        cls = _DeadlineHTTPSConnection if tls else _DeadlineHTTPConnection
+        conn = functools.partial(cls, deadline=req.deadline,  # type: ignore[attr-defined]
+                                 overall_timeout=req.overall_timeout)  # type: ignore[attr-defined]
         return super().do_open(conn, req, **kwargs)  # type: ignore[misc]
 
 

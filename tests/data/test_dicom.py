@@ -204,7 +204,8 @@ def test_undecodable_compressed_pixel_data_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("tag, vr, raw, expected", [
-    ("ImageOrientationPatient", "DS", [0.0, 1.0, 0.0, 0.0, 0.0], r"is \[0\.0, 1\.0, 0\.0, 0\.0, 0\.0\]; expected 6 finite numbers"),
+    ("ImageOrientationPatient", "DS", [0.0, 1.0, 0.0, 0.0, 0.0],
+     r"is \[0\.0, 1\.0, 0\.0, 0\.0, 0\.0\]; expected 6 finite numbers"),
     ("ImageOrientationPatient", "DS", [0.0, 1.0, 0.0, 0.0, 1.0, 0.0],
      r"\[0\.0, 1\.0, 0\.0, 0\.0, 1\.0, 0\.0\]; expected two orthogonal unit vectors"),
     ("ImagePositionPatient", "LO", "nan\\0\\0", r"is \[nan, 0\.0, 0\.0\]; expected 3 finite numbers"),

@@ -107,7 +107,8 @@ def test_redirect_to_another_host_is_refused_and_sends_nothing_there(servers, co
 
 def test_same_host_redirect_is_refused_too(servers):
     s = servers(reply(302, b"", {"Location": "/v2/chat/completions"}))
-    with pytest.raises(ZeroShotError, match=r"HTTP 302 redirect to http://127\.0\.0\.1:\d+/v2/chat/completions refused"):
+    with pytest.raises(ZeroShotError,
+                       match=r"HTTP 302 redirect to http://127\.0\.0\.1:\d+/v2/chat/completions refused"):
         client(s.url).chat(MESSAGES)
     assert len(s.headers) == 1
 
@@ -132,7 +133,8 @@ def trickle(header_first: bool, every: float = 0.05, limit_s: float = 3.0) -> Ca
 def test_trickling_server_hits_the_overall_deadline(servers, header_first):
     s = servers(trickle(header_first))
     start = time.monotonic()
-    with pytest.raises(ZeroShotError, match="failed after 1 attempts.*(request timeout of 0.5 s|timed out)"):
+    with pytest.raises(ZeroShotError, match="failed after 1 attempts; last error: TimeoutError: no complete reply "
+                                            "within the request timeout of 0.5 s"):
         client(s.url, timeout=0.5, max_retries=0).chat(MESSAGES)
     elapsed = time.monotonic() - start
     # Each byte arrives well within the timeout, so only an overall deadline stops this; the whole reply
