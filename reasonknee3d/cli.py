@@ -56,7 +56,11 @@ def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .data.dicom import convert_dicom
-        print(convert_dicom(a.dicom_dir, a.out))
+        try:
+            print(convert_dicom(a.dicom_dir, a.out))
+        except (ValueError, OSError) as e:  # DicomSeriesError names the file and tag
+            print(f"reasonknee3d convert-dicom: {e}", file=sys.stderr)
+            return 2
         return 0
     p.set_defaults(func=run)
 
@@ -141,8 +145,12 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="pixels per slice, multiples of 28 (default: 224 224 for hf, 392 392 for openai)")
     p.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
-    p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="openai: seconds per request attempt, connect to the reply's last byte")
     p.add_argument("--max-retries", type=int, default=4, help="openai: retries on 429 / 5xx / timeouts")
+    p.add_argument("--allow-no-key", action="store_true",
+                   help="openai: run without OPENAI_API_KEY against a remote endpoint that needs no key "
+                        "(a local server never needs this)")
     p.add_argument("--batch-size", type=int, default=1, help="hf: samples per generate call")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="hf: generation budget")
 
@@ -152,7 +160,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
             res = run_zeroshot(a.backend, a.model, a.data, a.split, a.out, setting=a.setting, base_url=a.base_url,
                                limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
                                timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
-                               max_new_tokens=a.max_new_tokens)
+                               max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key)
         except (ValueError, OSError, ZeroShotError) as e:
             print(f"reasonknee3d zeroshot: {e}", file=sys.stderr)
             return 2

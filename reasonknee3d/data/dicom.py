@@ -8,7 +8,9 @@ ordered by ``ImagePositionPatient`` projected on the slice normal, never by file
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -40,13 +42,63 @@ def _read_folder(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     for p in files:
         try:
             ds = pydicom.dcmread(p)
-        except (InvalidDicomError, OSError, EOFError) as e:
+        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, IndexError, struct.error,
+                NotImplementedError) as e:  # a damaged file trips pydicom's parser in many places
             raise DicomSeriesError(f"{p}: not a readable DICOM file ({e})") from None
         missing = [t for t in _REQUIRED if t not in ds]
         if missing:
             raise DicomSeriesError(f"{p}: missing DICOM tags {missing}")
+        _check_values(p, ds)
         out.append((p, ds))
     return out
+
+
+def _numbers(path: Path, ds: pydicom.Dataset, tag: str, count: int, positive: bool = False) -> np.ndarray:
+    """Tag ``tag`` as ``count`` finite floats (> 0 when ``positive``), else DicomSeriesError naming file and tag."""
+    what = f"{count} finite {'positive ' if positive else ''}number{'s' if count > 1 else ''}"
+    try:
+        value: Any = ds[tag].value
+        items = [value] if isinstance(value, (str, bytes, int, float)) else list(value)
+        arr = np.array([float(v) for v in items], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError, KeyError):
+        raise DicomSeriesError(f"{path}: {tag} {ds.get(tag, None)!r} is not {what}") from None
+    if arr.shape != (count,) or not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
+        raise DicomSeriesError(f"{path}: {tag} is {arr.tolist()}; expected {what}")
+    return arr
+
+
+def _check_values(path: Path, ds: pydicom.Dataset) -> None:
+    """The geometry, size and rescale tags hold usable values (the series checks then compare them)."""
+    iop = _numbers(path, ds, "ImageOrientationPatient", 6)
+    row_dir, col_dir = iop[:3], iop[3:]
+    # Loose bounds: they catch zero, parallel or unscaled vectors; slices that differ slightly from each other
+    # are reported by the series check instead.
+    if (abs(np.linalg.norm(row_dir) - 1) > 0.1 or abs(np.linalg.norm(col_dir) - 1) > 0.1
+            or abs(row_dir @ col_dir) > 0.1):
+        raise DicomSeriesError(f"{path}: ImageOrientationPatient {iop.tolist()}; expected two orthogonal unit vectors")
+    _numbers(path, ds, "ImagePositionPatient", 3)
+    _numbers(path, ds, "PixelSpacing", 2, positive=True)
+    for tag in ("Rows", "Columns"):
+        _numbers(path, ds, tag, 1, positive=True)
+    for tag in ("RescaleSlope", "RescaleIntercept"):
+        if ds.get(tag) not in (None, ""):
+            _numbers(path, ds, tag, 1)
+
+
+def _pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    """One slice's stored pixels as ``(Rows, Columns)`` float64, else DicomSeriesError naming the file."""
+    try:
+        px = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, IndexError,
+            OSError) as e:  # truncated data, a transfer syntax with no decoder installed, bad group 0028 values
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."
+        raise DicomSeriesError(f"{path}: pixel data cannot be decoded ({type(e).__name__}: {reason})") from None
+    size = (int(ds.Rows), int(ds.Columns))
+    if px.shape != size:
+        raise DicomSeriesError(f"{path}: pixel data has shape {tuple(px.shape)}; expected one grayscale frame of "
+                               f"Rows x Columns = {size[0]} x {size[1]}")
+    return px.astype(np.float64)
 
 
 def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +149,7 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     planes = []
     for p, ds in slices:
-        px = ds.pixel_array.astype(np.float64)  # (Rows, Columns) = (H, W)
+        px = _pixels(p, ds)  # (Rows, Columns) = (H, W)
         slope, inter = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         planes.append(px * slope + inter)
     vol = np.stack(planes)  # (S, H, W)

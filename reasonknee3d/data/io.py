@@ -19,6 +19,17 @@ from nibabel.filebasedimages import ImageFileError
 # (0.7 / 0.365 = 1.9 on OAI DESS); below it the header is treated as uninformative.
 _SLICE_SPACING_RATIO = 1.25
 
+# Limits checked on the header before any voxel data is read, so a corrupt or hostile header fails in
+# microseconds instead of allocating what it claims (OAI DESS is 160 x 384 x 384 int16, 47 MB):
+MAX_VOXELS = 2 ** 31
+"""Most voxels a volume may declare."""
+MAX_COMPRESSED_DATA_BYTES = 4 * 2 ** 30
+"""Most voxel-data bytes a compressed file (.nii.gz, .bz2, .zst) may declare; only decompression would
+tell whether they are there."""
+# DEFLATE expands at most ~1032:1 (a 258-byte match in 2 bits); a gzip file declaring more voxel data than
+# its size times this cannot hold it. A little slack for the gzip framing.
+_DEFLATE_MAX_RATIO = 1040
+
 # Array axis orders (which stored axis becomes S, H, W) the release can hold.
 SLICES_FIRST = (0, 1, 2)
 SLICES_LAST = (2, 0, 1)
@@ -53,7 +64,50 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise VolumeError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
     if len(img.shape) != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got a {len(img.shape)}D array of shape {img.shape}")
+    check_declared_size(path, img)
     return img
+
+
+def check_declared_size(path: Path, img: nib.Nifti1Image) -> int:
+    """Check the voxel data the header declares against the file before anything is read; returns its bytes.
+
+    Raises ``VolumeError`` (naming ``path`` and the declared shape) for an empty axis, more than
+    ``MAX_VOXELS`` voxels, an uncompressed file shorter than its data offset plus the declared data, or a
+    compressed file declaring more than ``MAX_COMPRESSED_DATA_BYTES`` (gzip: more than it could expand to).
+    """
+    shape = tuple(int(n) for n in img.shape)
+    dtype = np.dtype(img.header.get_data_dtype())
+    if min(shape, default=0) < 1:
+        raise VolumeError(f"{path}: header declares shape {shape}; expected at least 1 voxel along every axis")
+    n_voxels = int(np.prod(shape, dtype=object))
+    if n_voxels > MAX_VOXELS:
+        raise VolumeError(f"{path}: header declares shape {shape}, {n_voxels} voxels; expected at most "
+                          f"{MAX_VOXELS} (2^31) voxels (corrupt header?)")
+    declared = n_voxels * dtype.itemsize
+    image_file = img.file_map["image"].filename if "image" in img.file_map else None
+    if image_file is None:  # an in-memory image: nothing on disk to compare with
+        return declared
+    image_file = Path(image_file)
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    what = f"header declares shape {shape} of {dtype} = {declared} bytes of voxel data"
+    try:
+        file_size = image_file.stat().st_size
+    except OSError as e:
+        raise VolumeError(f"{path}: voxel data file {image_file} cannot be read ({e})") from None
+    suffix = image_file.suffix.lower()
+    if suffix in (".gz", ".bz2", ".zst"):
+        if declared > MAX_COMPRESSED_DATA_BYTES:
+            raise VolumeError(f"{path}: {what}; expected at most {MAX_COMPRESSED_DATA_BYTES} bytes in a "
+                              f"compressed volume (corrupt header?)")
+        if suffix == ".gz" and offset + declared > file_size * _DEFLATE_MAX_RATIO:
+            least = -(-(offset + declared) // _DEFLATE_MAX_RATIO)
+            raise VolumeError(f"{path}: {what}, more than a {file_size}-byte gzip file can expand to "
+                              f"({_DEFLATE_MAX_RATIO}x); expected a file of at least {least} bytes "
+                              f"(truncated file or corrupt header?)")
+    elif offset + declared > file_size:
+        raise VolumeError(f"{path}: {what} from byte {offset}, but {image_file.name} has {file_size} bytes; "
+                          f"expected at least {offset + declared} (truncated file or corrupt header?)")
+    return declared
 
 
 def slice_axis_order(shape: tuple[int, ...], spacing: tuple[float, ...], path: Path | str = "") -> tuple[int, int, int]:

@@ -154,3 +154,69 @@ def test_duplicate_slice_position_rejected(tmp_path):
     write_series(tmp_path / "dcm", ramp_volume(), positions=[10.0, 9.3, 9.3, 8.6])
     with pytest.raises(DicomSeriesError, match=r"IM\d+ and IM\d+ share a slice position"):
         read_dicom_series(tmp_path / "dcm")
+
+
+# --- bad input: every case is a DicomSeriesError naming the folder or file, never a pydicom/numpy traceback ---
+
+def test_empty_folder_rejected_and_cli_reports_one_line(tmp_path, capsys):
+    (tmp_path / "dcm").mkdir()
+    with pytest.raises(DicomSeriesError, match=r"dcm: no files"):
+        read_dicom_series(tmp_path / "dcm")
+    assert cli.main(["convert-dicom", str(tmp_path / "dcm"), str(tmp_path / "v.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"reasonknee3d convert-dicom: {tmp_path / 'dcm'}: no files\n"
+    assert not (tmp_path / "v.nii.gz").exists()
+
+
+def test_truncated_pixel_data_names_the_file(tmp_path):
+    paths = write_series(tmp_path / "dcm", ramp_volume())
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelData = ds.PixelData[:-10]
+    ds.save_as(paths[1])
+    with pytest.raises(DicomSeriesError, match=rf"{paths[1].name}: pixel data cannot be decoded \(ValueError: .*less "
+                                               rf"than expected \(50 vs 60 bytes\)"):
+        convert_dicom(tmp_path / "dcm", tmp_path / "v.nii.gz")
+
+
+def test_multi_frame_file_rejected(tmp_path):
+    paths = write_series(tmp_path / "dcm", ramp_volume())
+    ds = pydicom.dcmread(paths[0])
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(paths[0])
+    with pytest.raises(DicomSeriesError, match=rf"{paths[0].name}: pixel data has shape \(2, 6, 5\); expected one "
+                                               rf"grayscale frame of Rows x Columns = 6 x 5"):
+        read_dicom_series(tmp_path / "dcm")
+
+
+def test_undecodable_compressed_pixel_data_rejected(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    paths = write_series(tmp_path / "dcm", ramp_volume())
+    ds = pydicom.dcmread(paths[2])
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"not a jpeg 2000 codestream"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(paths[2])
+    with pytest.raises(DicomSeriesError, match=rf"{paths[2].name}: pixel data cannot be decoded"):
+        read_dicom_series(tmp_path / "dcm")
+
+
+@pytest.mark.parametrize("tag, vr, raw, expected", [
+    ("ImageOrientationPatient", "DS", [0.0, 1.0, 0.0, 0.0, 0.0],
+     r"is \[0\.0, 1\.0, 0\.0, 0\.0, 0\.0\]; expected 6 finite numbers"),
+    ("ImageOrientationPatient", "DS", [0.0, 1.0, 0.0, 0.0, 1.0, 0.0],
+     r"\[0\.0, 1\.0, 0\.0, 0\.0, 1\.0, 0\.0\]; expected two orthogonal unit vectors"),
+    ("ImagePositionPatient", "LO", "nan\\0\\0", r"is \[nan, 0\.0, 0\.0\]; expected 3 finite numbers"),
+    ("PixelSpacing", "DS", [0.0, 0.0], r"is \[0\.0, 0\.0\]; expected 2 finite positive numbers"),
+    ("PixelSpacing", "LO", "abc\\def", r"\['abc', 'def'\] is not 2 finite positive numbers"),
+])
+def test_malformed_geometry_values_name_file_and_tag(tmp_path, tag, vr, raw, expected):
+    paths = write_series(tmp_path / "dcm", ramp_volume())
+    ds = pydicom.dcmread(paths[3])
+    del ds[tag]
+    ds.add_new(tag, vr, raw)
+    ds.save_as(paths[3])
+    with pytest.raises(DicomSeriesError, match=rf"{paths[3].name}: {tag} {expected}"):
+        read_dicom_series(tmp_path / "dcm")
