@@ -35,10 +35,10 @@ from ..evaluation.parsing import json_objects
 
 # --- form names (what ReleaseLoader.forms counts and check-release prints) -------------------------------
 
-FORM_PATH_RELATIVE = "relative to the release root"
-FORM_PATH_ABSOLUTE_IN_ROOT = "absolute, inside the release root"
-FORM_PATH_ABSOLUTE_IN_IMAGES = "absolute, inside the images folder"
-FORM_PATH_BY_NAME = "found by file name under the images folder"
+FORM_PATH_RELATIVE = "relative"
+FORM_PATH_ABSOLUTE_IN_ROOT = "absolute, in the release"
+FORM_PATH_ABSOLUTE_IN_IMAGES = "absolute, in images"
+FORM_PATH_BY_NAME = "by file name in images"
 FORM_PATH_MISSING = "not found"
 
 FORM_SIDE_WORD = "left/right"
