@@ -37,7 +37,7 @@ from ..evaluation.parsing import json_objects
 
 FORM_PATH_RELATIVE = "relative"
 FORM_PATH_ABSOLUTE_IN_ROOT = "absolute, in the release"
-FORM_PATH_ABSOLUTE_IN_IMAGES = "absolute, in images"
+FORM_PATH_IN_IMAGES = "written path, in images"
 FORM_PATH_BY_NAME = "by file name in images"
 FORM_PATH_MISSING = "not found"
 
@@ -179,9 +179,9 @@ def resolve_path(written: str, root: Path, images: Optional[NameIndex], where: s
     in_root = cand is not None and _within(cand, root)
     in_images = cand is not None and images is not None and images.contains(cand)
     if (in_root or in_images) and cand.is_file():  # type: ignore[union-attr]
-        if not Path(written).is_absolute():
-            return cand, FORM_PATH_RELATIVE  # type: ignore[return-value]
-        return cand, FORM_PATH_ABSOLUTE_IN_ROOT if in_root else FORM_PATH_ABSOLUTE_IN_IMAGES  # type: ignore[return-value]
+        if not in_root:
+            return cand, FORM_PATH_IN_IMAGES  # type: ignore[return-value]
+        return cand, FORM_PATH_ABSOLUTE_IN_ROOT if Path(written).is_absolute() else FORM_PATH_RELATIVE  # type: ignore[return-value]
     if images is not None:
         found = images.find(file_name(written), where)
         if found is not None:
