@@ -14,6 +14,7 @@ match the masks' boxes as written and with x/y swapped (the check ``boxes.RELEAS
 """
 from __future__ import annotations
 
+import csv
 import shutil
 import statistics
 from collections import Counter
@@ -171,9 +172,9 @@ def _check_split(loader: ReleaseLoader, split: str, axis_check_volumes: int) -> 
         out["error"] = str(e)
         return out
     with open(csv_path(loader.root, split), newline="", encoding="utf-8-sig") as fh:
-        header = fh.readline()
+        header = next(csv.reader(fh), [])
     out["csv_rows"] = len(records) + len(problems)
-    out["csv_path_column"] = "path" in [c.strip() for c in header.strip().split(",")]
+    out["csv_path_column"] = "path" in [c.strip() for c in header]
     out["csv_row_problems"] = _counted([(p.kind, p.reason) for p in problems])
     out["volumes"] = _volumes(records)
 
