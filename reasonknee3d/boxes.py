@@ -239,3 +239,46 @@ def voxel_text_to_coord_tokens(text: str, shape: Sequence[int], num_bins: int) -
         vals = [int(float(v)) for v in m.group(1).split(",")]
         return box_to_coord_tokens(vals, shape, num_bins)
     return _VOXEL_BOX_RE.sub(repl, text)
+
+
+# --- the release's written box order ----------------------------------------------------------------
+
+RELEASE_BOX_AXES: tuple[int, int, int] = (0, 1, 2)
+"""Array axis of the loaded ``(S, H, W)`` volume indexed by each pair of a box written in a release item or
+answer, ``[start_slice, end_slice, x_min, x_max, y_min, y_max]``: start/end slice -> axis 0 (the sagittal
+slice index), x -> axis 1 (H, rows), y -> axis 2 (W, columns).
+
+The slice pair is axis 0 in the upstream code (it reads ``volume[i, :, :]`` as slice ``i``). The upstream
+repository has no code that writes or reads a box, so x/y cannot be settled from it. The list puts the slice
+(array axis 0) first, which reads as per-array-axis order (what ``np.nonzero`` on a mask gives), so x is
+taken as axis 1 and y as axis 2. The package's own box uses that order too, so today the conversion is the
+identity. ``reasonknee3d check-release`` compares the release's written boxes with the boxes of its masks,
+as written and with x/y swapped; if the swapped reading agrees better on the real release, change this
+constant to ``(0, 2, 1)`` and nothing else."""
+
+
+def _check_axes(axes: Sequence[int]) -> tuple[int, int, int]:
+    t = tuple(int(a) for a in axes)
+    if sorted(t) != [0, 1, 2]:
+        raise ValueError(f"box axes {tuple(axes)!r}: expected a permutation of (0, 1, 2)")
+    return t  # type: ignore[return-value]
+
+
+def release_box_to_package(box: Sequence[int], axes: Sequence[int] = RELEASE_BOX_AXES) -> list[int]:
+    """A box as written in the release (``[start_slice, end_slice, x_min, x_max, y_min, y_max]``) -> the
+    package's ``[a0_min, a0_max, a1_min, a1_max, a2_min, a2_max]``; pair ``k`` goes to array axis ``axes[k]``."""
+    axes = _check_axes(axes)
+    if len(box) != 6:
+        raise ValueError(f"a release box has 6 values, got {len(box)}: {list(box)!r:.80}")
+    out = [0] * 6
+    for k, a in enumerate(axes):
+        out[2 * a], out[2 * a + 1] = box[2 * k], box[2 * k + 1]
+    return out
+
+
+def package_box_to_release(box: Sequence[int], axes: Sequence[int] = RELEASE_BOX_AXES) -> list[int]:
+    """Inverse of ``release_box_to_package``: the package's box -> the release's written order."""
+    axes = _check_axes(axes)
+    if len(box) != 6:
+        raise ValueError(f"a box has 6 values, got {len(box)}: {list(box)!r:.80}")
+    return [v for a in axes for v in (box[2 * a], box[2 * a + 1])]

@@ -40,12 +40,29 @@ def _report_batch(result) -> int:
 def _add_export_references(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-references", help="write a split's references in the scorer's JSONL format")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "train_balanced", "test_balanced"))
     p.add_argument("--out", type=Path, required=True, help="references .jsonl")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
 
     def run(a: argparse.Namespace) -> int:
         from .data.release import export_references
-        return _report_batch(export_references(a.data, a.split, a.out))
+        return _report_batch(export_references(a.data, a.split, a.out, images=a.images))
+    p.set_defaults(func=run)
+
+
+def _add_check_release(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-release", help="what the loader can use of a release, and in which form each piece came")
+    p.add_argument("data", type=Path, help="release root")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--axis-check-volumes", type=int, default=8,
+                   help="volumes per split whose masks are read to compare written boxes with mask boxes")
+
+    def run(a: argparse.Namespace) -> int:
+        from .data.check_release import run_check_release
+        return run_check_release(a.data, a.images, a.json, a.axis_check_volumes)
     p.set_defaults(func=run)
 
 
@@ -298,6 +315,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_score,
     _add_synth,
     _add_export_references,
+    _add_check_release,
     _add_convert_dicom,
     _add_preprocess,
     _add_init,

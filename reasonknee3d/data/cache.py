@@ -111,7 +111,9 @@ def fill_volume_cache(root: str | Path, cache_dir: Path, splits: Iterable[str], 
     skipped: list[Skipped] = []
     n_done = 0
     for split in splits:
-        for vol in loader.volumes(split):
+        records, problems = loader.volume_rows(split)  # unusable CSV rows are listed, not fatal
+        skipped += [Skipped(f"{split} {p.csv.name} line {p.line}", p.reason, p.kind) for p in problems]
+        for vol in records:
             if vol.image_path in seen:
                 continue
             seen.add(vol.image_path)

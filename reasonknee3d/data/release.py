@@ -6,9 +6,15 @@ release root. Works on the public release, whose items may lack ``question_id`` 
 
 - the question id then comes from the finding key of ``final_diagnosis`` (matched case-, space-,
   underscore- and hyphen-insensitively against the schema, ``MOAKS_scores``/``MOAKS_grade`` unwrapped);
-- the box comes from the volume's mask and the question's subregion labels (the box
-  ``boxes.box_from_mask`` gives), in the coordinates of the loaded ``(S, H, W)`` array; each mask is read
-  once per volume and the boxes of all its labels are found in one pass (~50x faster than 69 scans).
+- the box comes from an item key, else from six integers written in the answer, else from the volume's mask
+  and the question's subregion labels (the box ``boxes.box_from_mask`` gives), in the coordinates of the
+  loaded ``(S, H, W)`` array; each mask is read once per volume and the boxes of all its labels are found in
+  one pass (~50x faster than 69 scans).
+
+Every piece may come in several forms (``data/release_forms.py`` lists them): upstream question files, CSVs
+without a ``path`` column, image paths from another machine found by name under ``images=DIR``, diagnoses
+as JSON strings or only in the answer, ``knee_side`` in any case or as L/R. ``ReleaseLoader.forms`` counts
+which form each item's pieces came in; ``reasonknee3d check-release`` reports them.
 
 Answers are rebuilt with ``answer.format_answer`` from the item's reasoning lines, the box and the
 validated severity, so every sample has the same answer format whatever the release wrote.
@@ -19,7 +25,7 @@ import csv
 import json
 import os
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -33,16 +39,31 @@ from ..boxes import validate_box
 from ..constants import BOX_START, DIAGNOSIS_PREFIX, LOCATION_PREFIX
 from ..io_utils import write_jsonl
 from ..schema import QuestionSpec, get_question, load_schema
+from . import release_forms as rf
 from .io import VolumeError, inspect_volume, load_mask
 
-SPLITS = ("train", "val", "test", "test_balanced")
+SPLITS = ("train", "val", "test", "train_balanced", "test_balanced")
+"""Splits a release may hold; ``<base>_balanced`` reads ``generate_data/<base>_balanced.json`` with the
+volumes of ``split_files/<base>_split.csv``."""
 CSV_COLUMNS = ("patient_id", "time", "study_folder", "series_folder", "knee_side", "path",
                "image_filepath", "label_filepath")
+REQUIRED_CSV_COLUMNS = tuple(c for c in CSV_COLUMNS if c != "path")
+"""The upstream code reads these; ``path`` (the package's synthetic release writes it) is optional."""
 _WRAPPERS = ("moaksscores", "moaksgrade", "finaldiagnosis")
 
 
 class ReleaseError(ValueError):
-    """A release file or item that cannot be used; the message names the file, the item and the problem."""
+    """A release file or item that cannot be used; the message names the file, the item and the problem.
+    ``kind`` (one of ``release_forms.KIND_*``) groups skipped items in batch reports."""
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def csv_path(root: Path, split: str) -> Path:
+    """The split CSV a split's volumes come from (``*_balanced`` use their base split's)."""
+    return root / "data" / "split_files" / f"{split.removesuffix('_balanced')}_split.csv"
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,26 @@ class VolumeRecord:
     knee_side: str
     image_path: Path
     mask_path: Optional[Path]
+    image_form: str = rf.FORM_PATH_RELATIVE
+    """How ``image_filepath`` was resolved (``release_forms.FORM_PATH_*``)."""
+    mask_form: Optional[str] = None
+    """How ``label_filepath`` was resolved; None without one."""
+    side_form: str = rf.FORM_SIDE_WORD
+    """How ``knee_side`` was written (``release_forms.FORM_SIDE_*``); ``knee_side`` is always left/right."""
+    mask_problem: Optional[str] = None
+    """Why the mask cannot be used (a path refused), reported only when a box must come from it."""
+    line: int = 0
+    """Line of the row in its CSV (the header is line 1)."""
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A split CSV row that cannot be used, and why."""
+    csv: Path
+    line: int
+    volume_id: Optional[str]
+    reason: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -77,6 +118,9 @@ class Sample:
     box: Optional[list[int]]
     """Inclusive voxel box of the loaded ``(S, H, W)`` array, or None when the question has no region."""
     knee_side: str
+    box_source: str = field(default="", compare=False)
+    """Where the box came from (``item key 'box'``, ``release_forms.FORM_BOX_*``); not part of equality, so
+    the same sample read from differently written releases compares equal."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +128,8 @@ class Skipped:
     """An item a batch command could not use, and why."""
     item: str
     reason: str
+    kind: str = ""
+    """Group of the reason (``release_forms.KIND_*``), for counts in reports."""
 
 
 @dataclass
@@ -110,7 +156,7 @@ def write_skipped(path: Path, skipped: list[Skipped]) -> Optional[Path]:
 
 def volume_id_of(image_path: str | Path) -> str:
     """File name without ``.nii.gz`` / ``.nii``: ``9000099_00m_1.2.3_4.5_right``."""
-    name = Path(image_path).name
+    name = rf.file_name(str(image_path))
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -142,6 +188,23 @@ class _Parsed:
     severity: dict[str, int]
     box: Optional[list[int]]
     reasoning: list[str]
+    box_form: Optional[str] = None
+    diagnosis_form: str = rf.FORM_DIAG_OBJECT
+    qid_form: str = rf.FORM_QID_ITEM
+
+
+def _unwrap_diagnosis(diag: dict) -> dict:
+    """The mapping that holds the finding keys: ``MOAKS_scores`` / ``MOAKS_grade`` / ``Final diagnosis``
+    wrappers are opened (other keys beside them, such as a box, are ignored) until a finding key shows."""
+    by_key = _specs_by_finding_key()
+    for _ in range(4):
+        if any(_norm(k) in by_key for k in diag):
+            return diag
+        inner = [v for k, v in diag.items() if _norm(k) in _WRAPPERS and isinstance(v, dict)]
+        if len(inner) != 1:
+            return diag
+        diag = inner[0]
+    return diag
 
 
 def _reasoning_lines(answer: str) -> list[str]:
@@ -177,13 +240,24 @@ def _union_box(boxes: list[list[int]]) -> Optional[list[int]]:
 
 
 class ReleaseLoader:
-    """Reads one release root; ``iter_samples(split)`` yields its samples grouped by volume."""
+    """Reads one release root; ``iter_samples(split)`` yields its samples grouped by volume.
 
-    def __init__(self, root: str | Path) -> None:
+    ``images``: a folder where volumes and masks whose written paths do not exist here (paths from another
+    machine) are found by file name (indexed with one walk, on first use).
+    """
+
+    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
         self.root = Path(root).resolve()
         if not (self.root / "data").is_dir():
             raise ReleaseError(f"{self.root}: not a release root (expected a data/ folder with split_files/, "
                                f"generate_data/, question_files/)")
+        try:
+            self.images = rf.NameIndex(images) if images is not None else None
+        except rf.FormError as e:
+            raise ReleaseError(str(e), e.kind) from None
+        self.forms: dict[str, dict[str, Counter]] = {}
+        """split -> piece (``question id``, ``diagnosis``, ``box``) -> form -> count, over the samples the last
+        ``iter_samples(split)`` yielded."""
 
     def _path(self, value: str) -> Path:
         # Release paths are relative to the root; absolute ones are accepted as they are.
@@ -208,28 +282,90 @@ class ReleaseLoader:
         except (AttributeError, TypeError, ValueError):
             raise ReleaseError(f"{self.root / rel}: expected {{\"<question id>\": [label ids]}}") from None
 
-    def volumes(self, split: str) -> list[VolumeRecord]:
-        """Rows of the split's CSV (``test_balanced`` uses ``test_split.csv``)."""
+    @property
+    def has_subregion_mapping(self) -> bool:
+        return (self.root / "data/question_files/question_subregion_mapping.json").is_file()
+
+    # --- question files -------------------------------------------------------------------------------
+
+    def question_files(self) -> dict[str, Path]:
+        """Question files present, by form (``release_forms.QUESTION_FILES``: package, guided, plain)."""
+        folder = self.root / "data" / "question_files"
+        return {form: folder / name for form, name in rf.QUESTION_FILES.items() if (folder / name).is_file()}
+
+    def question_texts(self, style: str) -> dict[int, str]:
+        """The release's question texts for a prompt style, ``{question id: text}``.
+
+        ``guided``: ``questions_nobbox_guided.json``. ``plain``: ``questions_nobbox_zeroshot.json``, else the
+        package's ``questions.json``. A style none of whose files is present is an error naming them.
+        """
+        if style not in rf.QUESTION_TEXT_STYLES:
+            raise ReleaseError(f"unknown question text style {style!r}; expected one of {list(rf.QUESTION_TEXT_STYLES)}")
+        present = self.question_files()
+        for form in rf.QUESTION_TEXT_STYLES[style]:
+            if form in present:
+                try:
+                    return rf.read_question_file(present[form])
+                except rf.FormError as e:
+                    raise ReleaseError(str(e), e.kind) from None
+        wanted = [rf.QUESTION_FILES[f] for f in rf.QUESTION_TEXT_STYLES[style]]
+        raise ReleaseError(f"{self.root / 'data' / 'question_files'}: no {style} question texts; expected one of "
+                           f"{wanted}")
+
+    # --- split CSVs -----------------------------------------------------------------------------------
+
+    def volume_rows(self, split: str) -> tuple[list[VolumeRecord], list[RowProblem]]:
+        """Rows of the split's CSV as records, and the rows that cannot be used with their reasons
+        (a bad or contradicting ``knee_side``, a path outside the release root, an ambiguous file name).
+        Missing files are not a problem here: the records say so (``image_form``) and items report it."""
         if split not in SPLITS:
             raise ReleaseError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        path = self.root / "data" / "split_files" / f"{split.split('_')[0]}_split.csv"
+        path = csv_path(self.root, split)
         if not path.is_file():
             raise ReleaseError(f"{path}: file not found")
-        with open(path, newline="", encoding="utf-8") as fh:
+        records, problems = [], []
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise ReleaseError(f"{path}: missing columns {missing}; expected {list(CSV_COLUMNS)}")
-            out = []
+                raise ReleaseError(f"{path}: missing columns {missing}; expected {list(REQUIRED_CSV_COLUMNS)} "
+                                   f"(and optionally 'path')")
             for i, row in enumerate(reader, start=2):
-                if not row["image_filepath"]:
-                    raise ReleaseError(f"{path} line {i}: empty image_filepath")
+                where = f"{path} line {i}"
+                written = (row["image_filepath"] or "").strip()
+                vid = None
+                try:
+                    if not written:
+                        raise rf.FormError(f"{where}: empty image_filepath", rf.KIND_CSV_ROW)
+                    try:
+                        vid = volume_id_of(written)
+                    except ReleaseError as e:
+                        raise rf.FormError(f"{where}: {e}", rf.KIND_CSV_ROW) from None
+                    side, side_form = rf.read_knee_side(row["knee_side"], written, where)
+                    image, image_form = rf.resolve_path(written, self.root, self.images, f"{where} image_filepath")
+                except rf.FormError as e:
+                    problems.append(RowProblem(path, i, vid, str(e), e.kind))
+                    continue
                 label = (row["label_filepath"] or "").strip()
-                out.append(VolumeRecord(
-                    volume_id=volume_id_of(row["image_filepath"]), patient_id=row["patient_id"], time=row["time"],
-                    knee_side=row["knee_side"], image_path=self._path(row["image_filepath"]),
-                    mask_path=self._path(label) if label else None))
-        return out
+                mask = mask_form = mask_problem = None
+                if label:
+                    try:
+                        mask, mask_form = rf.resolve_path(label, self.root, self.images, f"{where} label_filepath")
+                    except rf.FormError as e:
+                        mask_problem = str(e)
+                records.append(VolumeRecord(
+                    volume_id=vid, patient_id=row["patient_id"], time=row["time"], knee_side=side, image_path=image,
+                    mask_path=mask, image_form=image_form, mask_form=mask_form, side_form=side_form,
+                    mask_problem=mask_problem, line=i))
+        return records, problems
+
+    def volumes(self, split: str) -> list[VolumeRecord]:
+        """Rows of the split's CSV (``*_balanced`` use their base split's CSV); the first unusable row is an
+        error naming the file, line and value (``volume_rows`` lists them all instead)."""
+        records, problems = self.volume_rows(split)
+        if problems:
+            raise ReleaseError(problems[0].reason, problems[0].kind)
+        return records
 
     def _items(self, split: str) -> list[dict]:
         rel = f"data/generate_data/{split}.json"
@@ -238,31 +374,46 @@ class ReleaseLoader:
             raise ReleaseError(f"{self.root / rel}: expected a JSON list of items, got {type(items).__name__}")
         return items
 
+    # --- items ----------------------------------------------------------------------------------------
+
     def iter_samples(self, split: str, skipped: Optional[list[Skipped]] = None) -> Iterator[Sample]:
         """Yield the split's samples. Bad items raise ``ReleaseError``/``VolumeError``, or, when ``skipped``
         is a list, are appended to it with their reason and left out."""
-        volumes = {v.volume_id: v for v in self.volumes(split)}
+        records, problems = self.volume_rows(split)
+        volumes = {v.volume_id: v for v in records}
+        bad_rows = {p.volume_id: p for p in problems if p.volume_id is not None}
         items_file = self.root / "data" / "generate_data" / f"{split}.json"
+        mapping = self.subregion_mapping if self.has_subregion_mapping else None
+        forms: dict[str, Counter] = {"question id": Counter(), "diagnosis": Counter(), "box": Counter()}
+        self.forms[split] = forms
 
-        def fail(where: str, reason: str) -> None:
+        def fail(where: str, reason: str, kind: str) -> None:
             if skipped is None:
-                raise ReleaseError(f"{where}: {reason}")
-            skipped.append(Skipped(where, reason))
+                raise ReleaseError(f"{where}: {reason}", kind)
+            skipped.append(Skipped(where, reason, kind))
+
+        for p in problems:  # rows no item can name (no usable file name)
+            if p.volume_id is None:
+                fail(f"{p.csv} line {p.line}", p.reason.removeprefix(f"{p.csv} line {p.line}: "), p.kind)
 
         # Group items by volume (first-appearance order) so each volume's header and mask are read once.
         groups: OrderedDict[str, list[tuple[int, dict]]] = OrderedDict()
         for i, item in enumerate(self._items(split)):
             where = f"{items_file} item {i}"
             if not isinstance(item, dict) or not isinstance(item.get("image"), str):
-                fail(where, "expected an object with an 'image' path")
+                fail(where, "expected an object with an 'image' path", rf.KIND_BAD_ITEM)
                 continue
             try:
                 vid = volume_id_of(item["image"])
             except ReleaseError as e:
-                fail(where, str(e))
+                fail(where, str(e), rf.KIND_BAD_ITEM)
+                continue
+            if vid in bad_rows:
+                fail(where, bad_rows[vid].reason, bad_rows[vid].kind)
                 continue
             if vid not in volumes:
-                fail(where, f"image {item['image']!r} is not listed in the {split} split CSV")
+                fail(where, f"image {item['image']!r} is not listed in the {split} split CSV "
+                            f"({csv_path(self.root, split).name})", rf.KIND_NOT_IN_CSV)
                 continue
             groups.setdefault(vid, []).append((i, item))
 
@@ -270,95 +421,126 @@ class ReleaseLoader:
         for vid, entries in groups.items():
             vol = volumes[vid]
             try:
+                if vol.image_form == rf.FORM_PATH_MISSING:
+                    hint = (f"; no file named {vol.image_path.name!r} under the images folder {self.images.root}"
+                            if self.images is not None else "")
+                    raise VolumeError(f"{vol.image_path}: file not found{hint}")
                 meta = inspect_volume(vol.image_path)
             except VolumeError as e:
+                kind = rf.KIND_IMAGE_MISSING if "file not found" in str(e) else rf.KIND_IMAGE_UNREADABLE
                 for i, _ in entries:
-                    fail(f"{items_file} item {i}", str(e))
+                    fail(f"{items_file} item {i}", str(e), kind)
                 continue
             # Boxes of the volume's mask labels, or the error reading the mask: read at most once.
-            label_boxes: Optional[dict[int, list[int]] | VolumeError] = None
+            label_boxes: Optional[dict[int, list[int]] | ReleaseError] = None
             for i, item in entries:
                 where = f"{items_file} item {i} ({vid})"
                 try:
                     parsed = self._parse_item(item, where)
                     qid = parsed.question.question_id
-                    box = parsed.box
+                    box, box_form = parsed.box, parsed.box_form
                     if box is not None:
                         try:
                             box = validate_box(box, meta.shape)
                         except ValueError as e:
-                            raise ReleaseError(f"{where}: bad 'box': {e}") from None
-                    elif qid in self.subregion_mapping:
-                        if vol.mask_path is None:
-                            raise ReleaseError(f"{where}: no box in the item and no label_filepath in the CSV "
-                                               f"to derive it from")
+                            raise ReleaseError(f"{where}: bad {box_form}: {e}", rf.KIND_BOX) from None
+                    elif mapping is None:
+                        box_form = rf.FORM_BOX_NONE_SOURCE
+                    elif qid in mapping:
                         if label_boxes is None:
-                            try:
-                                label_boxes = _label_boxes(load_mask(vol.mask_path, meta))
-                            except VolumeError as e:
-                                label_boxes = e
-                        if isinstance(label_boxes, VolumeError):
+                            label_boxes = self._mask_label_boxes(vol, meta, where)
+                        if isinstance(label_boxes, ReleaseError):
                             raise label_boxes
-                        box = _union_box([label_boxes[k] for k in self.subregion_mapping[qid] if k in label_boxes])
+                        box = _union_box([label_boxes[k] for k in mapping[qid] if k in label_boxes])
+                        box_form = rf.FORM_BOX_MASK if box is not None else rf.FORM_BOX_NONE_REGION
+                    else:
+                        box_form = rf.FORM_BOX_NONE_REGION
                 except (ReleaseError, VolumeError) as e:
-                    fail(where, str(e).removeprefix(f"{where}: "))
+                    fail(where, str(e).removeprefix(f"{where}: "), getattr(e, "kind", rf.KIND_BAD_ITEM))
                     continue
                 sid = f"{vid}:q{qid}"
                 if sid in seen:
-                    fail(where, f"duplicate sample {sid} (question {qid} asked twice for this volume)")
+                    fail(where, f"duplicate sample {sid} (question {qid} asked twice for this volume)",
+                         rf.KIND_DUPLICATE)
                     continue
                 seen.add(sid)
+                forms["question id"][parsed.qid_form] += 1
+                forms["diagnosis"][parsed.diagnosis_form] += 1
+                forms["box"][box_form] += 1
                 yield Sample(
                     sample_id=sid, volume_id=vid, patient_id=vol.patient_id, split=split,
                     image_path=vol.image_path, mask_path=vol.mask_path, question_id=qid,
                     prompt=item["prompt"],
                     answer=format_answer(parsed.question, parsed.reasoning, box, parsed.severity),
-                    severity=parsed.severity, box=box, knee_side=vol.knee_side)
+                    severity=parsed.severity, box=box, knee_side=vol.knee_side, box_source=box_form)
+
+    def _mask_label_boxes(self, vol: VolumeRecord, meta: Any, where: str) -> dict[int, list[int]] | ReleaseError:
+        """Boxes of every label of the volume's mask, or the error that stops reading it (returned, so that
+        every item of the volume reports it without reading the mask again)."""
+        if vol.mask_problem is not None:
+            return ReleaseError(f"{where}: no box in the item or its answer, and the mask path is refused: "
+                                f"{vol.mask_problem}", rf.KIND_PATH_REFUSED)
+        if vol.mask_path is None:
+            return ReleaseError(f"{where}: no box in the item or its answer, and no label_filepath in the CSV to "
+                                f"derive it from", rf.KIND_NO_MASK_FOR_BOX)
+        if vol.mask_form == rf.FORM_PATH_MISSING:
+            hint = (f"; no file named {vol.mask_path.name!r} under the images folder {self.images.root}"
+                    if self.images is not None else "")
+            return ReleaseError(f"{vol.mask_path}: file not found{hint}", rf.KIND_MASK_MISSING)
+        try:
+            return _label_boxes(load_mask(vol.mask_path, meta))
+        except VolumeError as e:
+            kind = rf.KIND_MASK_MISSING if "file not found" in str(e) else rf.KIND_MASK_UNUSABLE
+            return ReleaseError(str(e), kind)
 
     def _parse_item(self, item: Mapping[str, Any], where: str) -> _Parsed:
         if not isinstance(item.get("prompt"), str) or not isinstance(item.get("answer"), str):
-            raise ReleaseError(f"{where}: 'prompt' and 'answer' must be strings")
-        diag = item.get("final_diagnosis")
-        if not isinstance(diag, dict):
-            raise ReleaseError(f"{where}: 'final_diagnosis' must be an object {{finding key: {{field: grade}}}}, "
-                               f"got {diag!r:.80}")
-        # Unwrap {"MOAKS_scores": {...}} and similar one-key wrappers.
-        while len(diag) == 1 and _norm(next(iter(diag))) in _WRAPPERS and isinstance(next(iter(diag.values())), dict):
-            diag = next(iter(diag.values()))
+            raise ReleaseError(f"{where}: 'prompt' and 'answer' must be strings", rf.KIND_BAD_ITEM)
+        try:
+            candidates, diagnosis_form = rf.diagnosis_candidates(item, where)
+        except rf.FormError as e:
+            raise ReleaseError(str(e), e.kind) from None
+        diags = [_unwrap_diagnosis(c) for c in candidates]
 
         if item.get("question_id") is not None:
             try:
                 spec = get_question(item["question_id"])
             except KeyError as e:
-                raise ReleaseError(f"{where}: {e.args[0]}") from None
+                raise ReleaseError(f"{where}: {e.args[0]}", rf.KIND_QUESTION) from None
+            diag = next((d for d in diags if any(_norm(k) == _norm(spec.finding_key) for k in d)), diags[0])
+            qid_form = rf.FORM_QID_ITEM
         else:
             by_key = _specs_by_finding_key()
-            found = [by_key[_norm(k)] for k in diag if _norm(k) in by_key]
-            if len(found) != 1:
+            matches = [[by_key[_norm(k)] for k in d if _norm(k) in by_key] for d in diags]
+            pick = next((j for j, m in enumerate(matches) if len(m) == 1), None)
+            if pick is None:
+                diag, found = diags[0], matches[0]
                 raise ReleaseError(f"{where}: cannot tell the question: final_diagnosis keys {list(diag)} match "
-                                   f"{len(found)} schema finding keys; expected exactly one")
-            spec = found[0]
+                                   f"{len(found)} schema finding keys; expected exactly one", rf.KIND_QUESTION)
+            diag, spec = diags[pick], matches[pick][0]
+            qid_form = rf.FORM_QID_FINDING
 
         entry = [v for k, v in diag.items() if _norm(k) == _norm(spec.finding_key)]
         if len(entry) != 1:
             raise ReleaseError(f"{where}: final_diagnosis has no entry for question {spec.question_id}'s finding "
-                               f"{spec.finding_key!r} (keys: {list(diag)})")
+                               f"{spec.finding_key!r} (keys: {list(diag)})", rf.KIND_DIAGNOSIS)
         severity = self._severity(spec, entry[0], where)
 
-        box = item.get("box")
-        if box is not None:
-            try:
-                box = validate_box(box)
-            except ValueError as e:
-                raise ReleaseError(f"{where}: bad 'box': {e}") from None
-        return _Parsed(spec, severity, box, _reasoning_lines(item["answer"]))
+        try:
+            box, box_form = rf.item_box(item, where)
+            if box is None:
+                box = rf.answer_box(item["answer"], where)
+                box_form = rf.FORM_BOX_ANSWER if box is not None else None
+        except rf.FormError as e:
+            raise ReleaseError(str(e), e.kind) from None
+        return _Parsed(spec, severity, box, _reasoning_lines(item["answer"]), box_form, diagnosis_form, qid_form)
 
     @staticmethod
     def _severity(spec: QuestionSpec, value: Any, where: str) -> dict[str, int]:
         if not isinstance(value, dict):
             if len(spec.fields) != 1:
                 raise ReleaseError(f"{where}: a bare grade {value!r} for question {spec.question_id}, which has "
-                                   f"fields {list(spec.field_keys)}")
+                                   f"fields {list(spec.field_keys)}", rf.KIND_DIAGNOSIS)
             value = {spec.field_keys[0]: value}
         by_norm = {_norm(k): k for k in spec.field_keys}
         sev: dict[str, Any] = {}
@@ -370,12 +552,14 @@ class ReleaseLoader:
         try:
             return check_severity(spec, sev, where)
         except ValueError as e:
-            raise ReleaseError(str(e)) from None
+            raise ReleaseError(str(e), rf.KIND_DIAGNOSIS) from None
 
 
-def iter_samples(root: str | Path, split: str, skipped: Optional[list[Skipped]] = None) -> Iterator[Sample]:
-    """Samples of one split of the release at ``root`` (see ``ReleaseLoader.iter_samples``)."""
-    return ReleaseLoader(root).iter_samples(split, skipped)
+def iter_samples(root: str | Path, split: str, skipped: Optional[list[Skipped]] = None,
+                 images: str | Path | None = None) -> Iterator[Sample]:
+    """Samples of one split of the release at ``root`` (see ``ReleaseLoader.iter_samples``; ``images``: the
+    folder where files whose written paths do not exist here are found by name)."""
+    return ReleaseLoader(root, images=images).iter_samples(split, skipped)
 
 
 def reference_row(sample: Sample) -> dict[str, Any]:
@@ -384,10 +568,10 @@ def reference_row(sample: Sample) -> dict[str, Any]:
             "severity": sample.severity, "box": sample.box, "split": sample.split}
 
 
-def export_references(root: str | Path, split: str, out: str | Path) -> BatchResult:
+def export_references(root: str | Path, split: str, out: str | Path, images: str | Path | None = None) -> BatchResult:
     """Write the split's references JSONL (good items only) and ``<out stem>.skipped.jsonl`` for the rest."""
     out = Path(out)
     skipped: list[Skipped] = []
-    n = write_jsonl(out, (reference_row(s) for s in iter_samples(root, split, skipped)))
+    n = write_jsonl(out, (reference_row(s) for s in iter_samples(root, split, skipped, images=images)))
     skipped_path = write_skipped(out.with_name(out.name.removesuffix(".jsonl") + ".skipped.jsonl"), skipped)
     return BatchResult(out=out, n_done=n, skipped=skipped, skipped_path=skipped_path)

@@ -375,3 +375,10 @@ def parse_outputs(texts: Sequence[Any], specs: Sequence[QuestionSpec]) -> list[P
 def parse_output(text: Any, spec: QuestionSpec) -> ParsedOutput:
     """Parse one raw model output for question ``spec``; never raises."""
     return parse_outputs([text], [spec])[0]
+
+
+def json_objects(text: str) -> list[dict]:
+    """The outermost JSON (or Python-literal) objects in the last ``MAX_CHARS`` characters of ``text``, in
+    order of appearance: the same search the parser uses, for readers that need the objects themselves
+    (the release loader reads a diagnosis written only in an answer)."""
+    return _objects(text[-MAX_CHARS:]) if isinstance(text, str) else []

@@ -103,3 +103,15 @@ def test_preprocess_command_dispatches_slice_configs_to_the_feature_cache(tmp_pa
     assert main(["preprocess", "--data", str(release), "--config", str(config), "--splits", "train"]) == 0
     assert list((release / "cache" / "slice_features").rglob("*.safetensors"))
     assert not (release / "cache" / "volumes").exists()
+
+
+def test_preprocess_lists_unusable_csv_rows_and_caches_the_rest(release_factory, tmp_path):
+    rel = release_factory(n_volumes=3)
+    csv_file = rel.root / "data/split_files/test_split.csv"
+    lines = csv_file.read_text().splitlines()
+    lines[2] = lines[2].replace(",left,", ",sideways,")  # volume 1 is a left knee
+    csv_file.write_text("\n".join(lines) + "\n")
+    result = preprocess_release(rel.root, CFG, cache_dir=tmp_path / "c")
+    assert result.n_done == 2 and len(result.skipped) == 1
+    s = result.skipped[0]
+    assert s.item == "test test_split.csv line 3" and "knee_side 'sideways'" in s.reason
