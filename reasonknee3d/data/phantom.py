@@ -453,19 +453,29 @@ def _draw_cartilage(cv: _Canvas, qid: int, sev: Mapping[str, int], v: _Vox, dept
     """A defect over ``CARTILAGE_AREA[size]`` of the subregion: full-thickness loss over the
     ``FULL_THICKNESS_SHARE[depth]`` of it nearest its centre, loss of the superficial half elsewhere.
 
-    ``depth`` is each voxel's normalized depth (1 at the joint surface, 0 at bone). The centre is a
-    mid-thickness voxel, so distance from it measures the spread along the surface alike in every layer.
+    ``depth`` is each voxel's normalized depth (1 at the joint surface, 0 at bone). Area is measured along
+    the surface: the distance from the centre voxel without its component across the layer, which a local
+    linear fit of depth against position gives (its gradient is the surface normal over the thickness).
+    So every layer of a surface position shares one distance, and the defect's parts are whole columns.
     """
     size, deep = sev.values()
     if size == 0 or len(v) == 0:
         return
     mid = np.flatnonzero(np.abs(depth - 0.5) <= 0.25)
-    seed = v.xyz[cv.rng.choice(mid) if len(mid) else cv.rng.integers(len(v))]
-    dist = np.linalg.norm(v.xyz - seed, axis=1)
-    patch = _smallest(dist, _fraction(len(v), CARTILAGE_AREA[size]))
+    centre = int(cv.rng.choice(mid)) if len(mid) else int(cv.rng.integers(len(v)))
+    offset = v.xyz - v.xyz[centre]
+    dist = np.linalg.norm(offset, axis=1)
+    local = _smallest(dist, max(32, len(v) // 20))
+    x = offset[local] - offset[local].mean(0)
+    grad = np.linalg.lstsq(x, depth[local] - depth[local].mean(), rcond=None)[0]
+    across = offset @ (grad / max(float(np.linalg.norm(grad)), 1e-12))  # mm along the surface normal
+    along = np.sqrt(np.maximum(dist ** 2 - across ** 2, 0.0))
+    # Ties (one surface position) break towards the joint surface, so a cut never leaves a floating layer.
+    along = along - 1e-3 * depth
+    patch = _smallest(along, _fraction(len(v), CARTILAGE_AREA[size]))
     lost = patch[depth[patch] >= PARTIAL_DEPTH]
     if FULL_THICKNESS_SHARE[deep] > 0:
-        full = patch[_smallest(dist[patch], _fraction(len(patch), FULL_THICKNESS_SHARE[deep]))]
+        full = patch[_smallest(along[patch], _fraction(len(patch), FULL_THICKNESS_SHARE[deep]))]
         lost = np.union1d(lost, full)
     elif len(lost) == 0:  # voxels coarser than the cartilage: keep the defect visible, never down to bone
         lost = patch[_smallest(-depth[patch], 1)]
