@@ -35,7 +35,7 @@ from ..io_utils import write_jsonl
 from ..schema import QuestionSpec, get_question, load_schema
 from .io import VolumeError, inspect_volume, load_mask
 
-SPLITS = ("train", "val", "test", "test_balanced")
+SPLITS = ("train", "val", "test", "test_balanced", "train_balanced")
 CSV_COLUMNS = ("patient_id", "time", "study_folder", "series_folder", "knee_side", "path",
                "image_filepath", "label_filepath")
 _WRAPPERS = ("moaksscores", "moaksgrade", "finaldiagnosis")
@@ -209,7 +209,7 @@ class ReleaseLoader:
             raise ReleaseError(f"{self.root / rel}: expected {{\"<question id>\": [label ids]}}") from None
 
     def volumes(self, split: str) -> list[VolumeRecord]:
-        """Rows of the split's CSV (``test_balanced`` uses ``test_split.csv``)."""
+        """Rows of the split's CSV (``test_balanced`` / ``train_balanced`` use the test / train CSV)."""
         if split not in SPLITS:
             raise ReleaseError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
         path = self.root / "data" / "split_files" / f"{split.split('_')[0]}_split.csv"

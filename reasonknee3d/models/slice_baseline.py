@@ -83,6 +83,13 @@ class SliceBaselineConfig:
     """Patches merged per side into one language-model token (checked against the checkpoint)."""
     temporal_patch_size: int = 2
     """Frames per temporal patch (checked against the checkpoint)."""
+    feature_tokens: Optional[int] = None
+    """Resample each volume's cached vision features to this many tokens (evenly spaced picks along the
+    token sequence, repeats when there are fewer); None keeps every token. The paper fed 8,192 of the
+    15,680 tokens of 160 slices at 392 x 392. The picked tokens go to the language model as a one-token-
+    per-step sequence (video grid ``(feature_tokens, merge_size, merge_size)``), so their M-RoPE positions
+    advance one temporal step per token at ``fps`` = 2 * tokens_per_second / temporal_patch_size. Needs the
+    feature cache (``reasonknee3d preprocess``): pixel inputs would reach the model unresampled."""
     crop_margin: int = 4
     """Voxels added on every side of the reference box in the gt-crop setting."""
     system_prompt: Optional[str] = None
@@ -124,6 +131,9 @@ class SliceBaselineConfig:
             raise ValueError(f"model.min_pixels {lo_px} exceeds model.max_pixels {hi_px}")
         if self.fps <= 0:
             raise ValueError(f"model.fps must be > 0, got {self.fps}")
+        if self.feature_tokens is not None and (isinstance(self.feature_tokens, bool)
+                                                or not isinstance(self.feature_tokens, int) or self.feature_tokens < 1):
+            raise ValueError(f"model.feature_tokens must be a positive integer or null, got {self.feature_tokens!r}")
         if self.crop_margin < 0:
             raise ValueError(f"model.crop_margin must be >= 0, got {self.crop_margin}")
         if self.dtype not in DTYPES:
@@ -149,7 +159,10 @@ class SliceBaselineConfig:
     def frame_settings(self) -> dict[str, Any]:
         """The settings that change the frames, hence the cached vision features."""
         d = dataclasses.asdict(self)
-        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in FRAME_FIELDS}
+        out = {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in FRAME_FIELDS}
+        if self.feature_tokens is not None:  # only when set, so caches of other configs keep their keys
+            out["feature_tokens"] = self.feature_tokens
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -276,6 +289,8 @@ def token_count(cfg: SliceBaselineConfig | Mapping[str, Any], volume_shape: Sequ
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 
     cfg = as_slice_config(cfg)
+    if cfg.feature_tokens is not None:
+        return cfg.feature_tokens
     frames = len(select_slices(int(volume_shape[0]), cfg))
     lo, hi = cfg.pixel_limits
     h, w = smart_resize(*cfg.frame_size, factor=cfg.patch_size * cfg.merge_size, min_pixels=lo, max_pixels=hi)
@@ -387,7 +402,18 @@ def compute_video_features(model: Any, processor: Any, cfg: SliceBaselineConfig,
     visual = _base(model).model.visual
     out = _base(model).get_video_features(enc["pixel_values_videos"].to(visual.device),
                                           video_grid_thw=enc["video_grid_thw"].to(visual.device))
-    return out.pooler_output[0], enc["video_grid_thw"][0]
+    return resample_features(out.pooler_output[0], enc["video_grid_thw"][0], cfg)
+
+
+def resample_features(features: torch.Tensor, grid_thw: torch.Tensor,
+                      cfg: SliceBaselineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.feature_tokens`` evenly spaced rows of ``(N, C)`` features (indices ``linspace(0, N - 1, K)``
+    rounded down) and their grid ``(K, merge_size, merge_size)``; unchanged when ``feature_tokens`` is None."""
+    if cfg.feature_tokens is None:
+        return features, grid_thw
+    k = cfg.feature_tokens
+    idx = torch.from_numpy(np.linspace(0, features.shape[0] - 1, k).astype(np.int64)).to(features.device)
+    return features[idx], torch.tensor([k, cfg.merge_size, cfg.merge_size], dtype=torch.int64)
 
 
 def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineConfig | Mapping[str, Any],
@@ -541,6 +567,10 @@ class SliceCollator:
                  train: bool = True, prompt_fn: Optional[Callable[[Any], str]] = None, crop: bool = False) -> None:
         if crop and cache is not None:
             raise ValueError("crop and the feature cache exclude each other: cached features are of whole volumes")
+        if cfg.feature_tokens is not None and cache is None:
+            raise ValueError(f"model.feature_tokens={cfg.feature_tokens} resamples cached vision features; this "
+                             f"path reads pixels, which would reach the model unresampled. Run `reasonknee3d "
+                             f"preprocess` and use the feature cache (train / predict)")
         self.processor, self.tokenizer, self.cfg = processor, processor.tokenizer, cfg
         self.cache, self.train, self.prompt_fn, self.crop = cache, train, prompt_fn, crop
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
