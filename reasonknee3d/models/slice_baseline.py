@@ -47,7 +47,7 @@ SLICE_CONFIG_ATTR = "reasonknee3d_slice"
 
 # Bump when the frame or feature code changes what is cached for the same settings.
 FEATURE_CACHE_VERSION = 1
-WINDOW_MODES = ("fixed", "percentile")
+WINDOW_MODES = ("fixed", "percentile", "slice_minmax")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields of SliceBaselineConfig that change the frames (and so the cached vision features).
 FRAME_FIELDS = ("num_frames", "slice_range", "window", "window_mode", "frame_size", "min_pixels", "max_pixels")
@@ -68,7 +68,8 @@ class SliceBaselineConfig:
     window: tuple[float, float] = (0.0, 400.0)
     """Intensity window mapped to 0-255: raw values (``fixed``) or percentiles of the volume (``percentile``)."""
     window_mode: str = "fixed"
-    """``fixed`` (the paper: 0-400) or ``percentile`` (per-volume percentiles)."""
+    """``fixed`` (0-400 mapped onto 0-255), ``percentile`` (per-volume percentiles) or ``slice_minmax`` (the
+    paper's preprocessing: clip to the raw window, then scale each slice by its own minimum and maximum)."""
     frame_size: tuple[int, int] = (224, 224)
     """(height, width) each slice is resized to; multiples of patch_size * merge_size."""
     min_pixels: Optional[int] = None
@@ -209,7 +210,14 @@ def select_slices(num_slices: int, cfg: SliceBaselineConfig) -> np.ndarray:
 
 
 def window_to_uint8(volume: np.ndarray, cfg: SliceBaselineConfig) -> np.ndarray:
-    """Clip intensities to the window and map it linearly onto 0-255."""
+    """Clip intensities to the window and map it linearly onto 0-255 (``slice_minmax``: each slice of the
+    ``(T, H, W)`` stack from its own minimum to its own maximum after the clip; a flat slice is black)."""
+    if cfg.window_mode == "slice_minmax":
+        v = np.clip(volume.astype(np.float32), *cfg.window)
+        lo = v.min(axis=tuple(range(1, v.ndim)), keepdims=True)
+        span = v.max(axis=tuple(range(1, v.ndim)), keepdims=True) - lo
+        scaled = np.divide(v - lo, span, out=np.zeros_like(v), where=span > 0) * 255.0
+        return np.rint(scaled).astype(np.uint8)
     if cfg.window_mode == "fixed":
         lo, hi = cfg.window
     else:

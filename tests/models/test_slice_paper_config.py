@@ -32,6 +32,7 @@ def test_paper_config_validates_with_the_published_settings():
     assert token_count(model, (160, 384, 384)) == 8192
     # Before resampling: 160 slices at 392 px = 80 temporal patches of 14 x 14 merged tokens.
     assert token_count(SliceBaselineConfig.from_dict({**cfg.model, "feature_tokens": None}), (160, 384, 384)) == 15680
+    assert model.window_mode == "slice_minmax" and model.window == (0, 400)
     with pytest.raises(ValueError, match="feature_tokens"):
         SliceBaselineConfig.from_dict({**cfg.model, "feature_tokens": 0})
 
@@ -89,3 +90,16 @@ def test_feature_tokens_resample_cached_features_for_the_language_model(tmp_path
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="feature_tokens=20 resamples cached vision features"):
         SliceCollator(processor, cfg, None, train=False)
+
+
+def test_slice_minmax_window_scales_each_slice_after_the_clip():
+    from reasonknee3d.models.slice_baseline import window_to_uint8
+
+    cfg = SliceBaselineConfig(window_mode="slice_minmax", window=(0, 400))
+    vol = np.stack([np.linspace(100, 200, 12).reshape(3, 4), np.linspace(0, 900, 12).reshape(3, 4),
+                    np.full((3, 4), 50.0)]).astype(np.float32)
+    out = window_to_uint8(vol, cfg)
+    assert out[0].min() == 0 and out[0].max() == 255  # a dim slice spans the full range on its own
+    clipped = np.clip(vol[1], 0, 400)
+    assert np.array_equal(out[1], np.rint(clipped / 400 * 255).astype(np.uint8))
+    assert out[2].max() == 0
