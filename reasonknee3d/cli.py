@@ -155,6 +155,10 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
     p.add_argument("--out", type=Path, required=True, help="predictions .jsonl (appended; a rerun resumes)")
     p.add_argument("--setting", default="plain", choices=("plain", "guided", "gt-crop"))
+    p.add_argument("--preset", default="package", choices=("package", "paper"),
+                   help="package: the package's frames and prompts; paper: the published inputs (hf: every "
+                        "slice at 4 fps, per-slice scaling, processor-default size; openai: slices 32-128; "
+                        "the release's questions_nobbox_* text)")
     p.add_argument("--base-url", default=None, help="openai: endpoint root, e.g. https://api.openai.com/v1 "
                                                      "(key from OPENAI_API_KEY)")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
@@ -177,7 +181,8 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
             res = run_zeroshot(a.backend, a.model, a.data, a.split, a.out, setting=a.setting, base_url=a.base_url,
                                limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
                                timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
-                               max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key)
+                               max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key,
+                               preset=a.preset)
         except (ValueError, OSError, ZeroShotError) as e:
             print(f"reasonknee3d zeroshot: {e}", file=sys.stderr)
             return 2

@@ -5,6 +5,9 @@ One place for every sentence a model reads or is trained to write about a questi
 runners and training all call these functions. Wording is generated from each question's category,
 structure, compartment and finding key (``schema.QuestionSpec``), never listed per question.
 
+``release_question_text`` writes the release-format question files (``questions_nobbox_zeroshot.json`` /
+``questions_nobbox_guided.json``): the same facts, answered as JSON in the release's wrappers.
+
 Styles of ``question_prompt``:
 - ``"plain"``: the question and the JSON shape of the answer (finding key, field keys, grade ranges).
 - ``"guided"``: adds the grade definitions and the answer format (``answer.py``): the region, the
@@ -14,65 +17,26 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from . import moaks
 from .constants import BOX_END, BOX_START, DIAGNOSIS_PREFIX, LOCATION_PREFIX
-from .schema import QuestionSpec
+from .schema import QuestionSpec, null_field_questions
 
 PROMPT_STYLES = ("plain", "guided")
-
-# Grade descriptions by field key; fields whose key is shared across categories ("grade", "presence")
-# are described per category below. The synthetic phantoms draw lesions to these definitions.
-_FIELD_GRADES: dict[str, tuple[str, ...]] = {
-    "Size of BML (including cyst)": (
-        "no bone marrow lesion", "less than 10% of the subregion volume", "10-33% of the subregion volume",
-        "more than 33% of the subregion volume"),
-    "Number of BML within subregion": ("none", "one lesion", "two lesions", "three or more lesions"),
-    "% of lesion that is BML (excluding cyst)": (
-        "no lesion", "less than 33% of the lesion is marrow edema, the rest is cyst",
-        "33-66% of the lesion is marrow edema", "more than 66% of the lesion is marrow edema"),
-    "Size of lesion": (
-        "no cartilage loss", "less than 10% of the subregion surface", "10-75% of the subregion surface",
-        "more than 75% of the subregion surface"),
-    "Depth of lesion": (
-        "no cartilage loss", "superficial loss of less than half the thickness",
-        "partial-thickness loss of half the thickness or more", "full-thickness loss down to bone"),
-    "morphology": (
-        "normal", "intrasubstance signal without a tear", "vertical longitudinal tear", "horizontal tear",
-        "radial tear", "complex tear", "partial maceration", "progressive partial maceration",
-        "complete maceration"),
-    "tear_location": ("no associated tear", "tear in the anterior horn", "tear in the body",
-                      "tear in the posterior horn"),
-    "Complete Tear": ("continuous fibres", "complete tear with discontinuous fibres"),
-    "Associated with BML/cyst at site of insertion or origin": (
-        "normal marrow at the attachment", "marrow lesion or cyst at the attachment"),
-    "ACL Repair": ("native ligament", "reconstruction graft with bone tunnel"),
-    "Signal Abnormality": ("homogeneous low signal", "increased intratendinous signal"),
-}
-
-_CATEGORY_GRADES: dict[str, tuple[str, ...]] = {
-    "osteophyte": ("none", "small marginal spur", "medium spur", "large spur"),
-    "hoffa_synovitis": ("normal fat pad signal", "hyperintense signal in less than 25% of the fat pad",
-                        "hyperintense signal in 25-50% of the fat pad",
-                        "hyperintense signal in more than 50% of the fat pad"),
-    "effusion_synovitis": ("physiologic amount of fluid", "small effusion in the suprapatellar recess",
-                           "medium effusion distending the suprapatellar recess",
-                           "large effusion with capsular distension"),
-    "meniscal_extrusion": ("less than 2 mm beyond the tibial margin", "2-2.9 mm beyond the tibial margin",
-                           "3-4.9 mm beyond the tibial margin", "5 mm or more beyond the tibial margin"),
-}
-
-_PRESENCE = ("absent", "present")
 
 # What a reader looks at, per category (first reasoning step after the region).
 _LOOK_FOR: dict[str, str] = {
     "bone_marrow_lesion": "Look for ill-defined hyperintense marrow signal and well-defined fluid-bright cysts "
                           "beneath the articular surface.",
     "cartilage": "Follow the bright cartilage layer and look for surface defects filled with fluid.",
-    "osteophyte": "Look for a bony spur growing from the joint margin.",
+    "osteophyte": "Look for a bony spur growing from the joint margin; the largest one counts, graded by how "
+                  "far it protrudes.",
     "hoffa_synovitis": "Look for hyperintense signal inside the dark infrapatellar fat pad.",
-    "effusion_synovitis": "Estimate the amount of bright joint fluid in the suprapatellar recess.",
+    "effusion_synovitis": "Estimate the amount of bright joint fluid in the retropatellar space and the "
+                          "suprapatellar bursa.",
     "meniscal_extrusion": "Compare the outer edge of the meniscus with the margin of the tibial plateau.",
     "meniscal_morphology": "Inspect the dark meniscal triangle for bright signal, clefts and missing tissue.",
-    "meniscal_cyst": "Look for a fluid-bright cyst next to the outer edge of the meniscus.",
+    "meniscal_cyst": "Look for a fluid-bright cyst next to the outer edge of the meniscus and for the meniscal "
+                     "tear it arises from.",
     "meniscal_hypertrophy": "Compare the height and width of the meniscus with a normal meniscus.",
     "meniscal_root_tear": "Follow the posterior horn to its attachment and look for a fluid-filled gap.",
     "ligament_tendon": "Follow the dark fibres from origin to insertion and inspect the attachments.",
@@ -85,24 +49,10 @@ MENISCUS_PARTS = {"anterior": "anterior horn", "body": "body", "posterior": "pos
 _CATEGORY_SUFFIX = {"bone_marrow_lesion": "BML", "cartilage": "cartilage lesion", "osteophyte": "osteophyte"}
 
 
-def _grade_table(spec: QuestionSpec, field_key: str) -> tuple[str, ...]:
-    field = spec.field(field_key)
-    table = _FIELD_GRADES.get(field_key) or _CATEGORY_GRADES.get(spec.category)
-    if table is None and field.grades == (0, 1):
-        table = _PRESENCE
-    if table is None or len(table) != len(field.grades):
-        raise KeyError(f"no grade descriptions for field {field_key!r} of question {spec.question_id} "
-                       f"(category {spec.category!r}, grades {list(field.grades)})")
-    return table
-
-
 def grade_description(spec: QuestionSpec, field_key: str, grade: int) -> str:
-    """Short description of ``grade`` of one field of a question (``grade_dict.json`` entries)."""
-    field = spec.field(field_key)
-    if grade not in field.grades:
-        raise ValueError(f"grade {grade!r} of field {field_key!r} (question {spec.question_id}) is not in "
-                         f"{list(field.grades)}")
-    return _grade_table(spec, field_key)[field.grades.index(grade)]
+    """Short description of ``grade`` of one field of a question (``grade_dict.json`` entries), from the
+    MOAKS table in ``moaks.py``."""
+    return moaks.grade_meaning(spec, field_key, grade).text
 
 
 def location_words(spec: QuestionSpec) -> str:
@@ -244,3 +194,35 @@ def reasoning_steps(spec: QuestionSpec, severity: Mapping[str, int]) -> list[str
     """The reasoning chain of an answer: the template steps of each field's grade, in schema order."""
     template = reasoning_template(spec)
     return [step for f in spec.fields for step in template[f.key][severity[f.key]]]
+
+
+RELEASE_QUESTION_FILES = {"plain": "questions_nobbox_zeroshot.json", "guided": "questions_nobbox_guided.json"}
+"""Prompt style -> name of the release's question file of that style (``data/question_files``)."""
+
+
+def release_answer_shape(spec: QuestionSpec) -> str:
+    """JSON shape of the answer in the release's own form: inside the question's wrapper (``MOAKS_scores`` /
+    ``MOAKS_grade`` / none) and, for a question whose schema field key is null, the grade right under the
+    finding key."""
+    if spec.question_id in null_field_questions():
+        inner = f'{{"{spec.finding_key}": <{spec.fields[0].grades[0]}-{spec.fields[0].max_grade}>}}'
+    else:
+        inner = answer_shape(spec)
+    return f'{{"{spec.wrapper}": {inner}}}' if spec.wrapper else inner
+
+
+def release_question_text(spec: QuestionSpec, style: str = "plain") -> str:
+    """One entry of a release-format question file: the question, the MOAKS grade meanings (``moaks.py``)
+    and the JSON answer shape; ``guided`` adds what the finding looks like on the image."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {list(PROMPT_STYLES)}")
+    parts = [f"This is a sagittal 3D DESS knee MRI. {question_text(spec)}"]
+    if style == "guided":
+        parts.append(_LOOK_FOR[spec.category])
+    grades = []
+    for f in spec.fields:
+        defs = ", ".join(f"{g} = {grade_description(spec, f.key, g)}" for g in f.grades)
+        grades.append(f"{f.key}: {defs}" if spec.question_id not in null_field_questions() else defs)
+    parts.append("MOAKS grades - " + "; ".join(grades) + ".")
+    parts.append(f"Explain your reasoning, then give the grades as a JSON object: {release_answer_shape(spec)}")
+    return " ".join(parts)

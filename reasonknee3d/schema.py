@@ -1,7 +1,7 @@
 """The 69 public ReasonKnee question types: category, structure, compartment, finding key, fields, grades.
 
 The schema ships with the package (``resources/question_schema.json``), so the scorer and the synthetic
-release need nothing else. ``field_keys`` applies BENCH.md's rule: a null field key is called "grade".
+release need nothing else. ``field_keys`` applies the scoring rule: a null field key is called "grade".
 """
 from __future__ import annotations
 
@@ -72,3 +72,12 @@ def get_question(question_id: int) -> QuestionSpec:
     except (KeyError, ValueError, TypeError):
         raise KeyError(f"unknown question id {question_id!r}: expected an integer in "
                        f"{min(schema)}..{max(schema)} (reasonknee_question_schema.json)") from None
+
+
+@lru_cache(maxsize=1)
+def null_field_questions() -> frozenset[int]:
+    """Ids of the questions whose single field key is null in the schema: their release answers put the
+    grade right under the finding key (``{"medial meniscus anterior extrusion": 2}``), not in a field."""
+    text = resources.files("reasonknee3d").joinpath("resources/question_schema.json").read_text()
+    return frozenset(int(q["question_id"]) for q in json.loads(text)
+                     if any(f["key"] is None for f in q["fields"]))

@@ -78,5 +78,5 @@ def test_reasoning_template_covers_every_grade_and_chains_in_field_order() -> No
     spec = get_question(54)
     steps = reasoning_steps(spec, {"presence": 1, "tear_location": 3})
     assert steps[0] == "Region: the medial parameniscal soft tissue."
-    assert steps[-2:] == ["presence: present, grade 1.", "tear_location: tear in the posterior horn, grade 3."]
+    assert steps[-2:] == ["presence: present, grade 1.", "tear_location: no meniscal tear, grade 3."]
     assert len(steps) == 4

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from .. import moaks
 from ..prompts import MENISCUS_PARTS, location_words, meniscus_part
 from ..schema import QuestionSpec, load_schema
 
@@ -40,21 +41,30 @@ FOV_MM = (112.0, 140.0, 140.0)
 AIR, FAT, MUSCLE, MARROW, CARTILAGE, FLUID, FIBROUS, FATPAD, EDEMA, SIGNAL, CORTEX = range(1, 12)
 _INTENSITY = np.array([0, 4, 70, 150, 105, 420, 780, 30, 55, 360, 230, 15], dtype=np.float32)
 
-# Lesion extents per grade (index = grade), matching prompts.grade_description.
-BML_FRACTION = (0.0, 0.05, 0.2, 0.45)
-"""Share of the subregion's marrow taken by the lesion (size grade: <10%, 10-33%, >33%)."""
-BML_EDEMA_SHARE = (0.0, 0.2, 0.5, 0.85)
+# Lesion extents per grade (index = grade): the middle of each grade's interval in the MOAKS table
+# (``reasonknee3d.moaks``), so the drawn lesion measures inside the grade its answer states.
+BML_FRACTION = tuple(0.0 if g == 0 else m.target for g, m in enumerate(moaks.by_key("Size of BML (including cyst)")))
+"""Share of the subregion's marrow taken by the lesion, cyst included (size grade: <33%, 33-66%, >66%)."""
+BML_EDEMA_SHARE = tuple(0.0 if g == 0 else m.target
+                        for g, m in enumerate(moaks.by_key("% of lesion that is BML (excluding cyst)")))
 """Share of the lesion that is edema rather than cyst (% BML grade: <33%, 33-66%, >66%)."""
-CARTILAGE_AREA = (0.0, 0.05, 0.4, 0.85)
+CARTILAGE_AREA = tuple(0.0 if g == 0 else m.target for g, m in enumerate(moaks.by_key("Size of lesion")))
 """Share of the subregion's cartilage surface with loss (size grade: <10%, 10-75%, >75%)."""
-CARTILAGE_DEPTH = (0.0, 0.3, 0.7, 1.0)
-"""Share of the thickness lost inside the defect (depth grade: <50%, >=50%, full thickness)."""
+FULL_THICKNESS_SHARE = tuple(0.0 if g == 0 else m.target for g, m in enumerate(moaks.by_key("Depth of lesion")))
+"""Share of the defect's area where the loss reaches bone (depth grade: none, <10%, 10-75%, >75%); the rest
+of the defect loses the superficial half of the cartilage."""
+CARTILAGE_DEPTH = FULL_THICKNESS_SHARE
+"""Former name of ``FULL_THICKNESS_SHARE``."""
+PARTIAL_DEPTH = 0.5
+"""Normalized depth (1 = joint surface, 0 = bone) down to which a partial-thickness defect removes cartilage."""
 HOFFA_FRACTION = (0.0, 0.15, 0.35, 0.6)
-"""Share of the fat pad with hyperintense signal (<25%, 25-50%, >50%)."""
+"""Share of the fat pad with hyperintense signal: the phantom's reading of MOAKS mild, moderate, severe."""
 EFFUSION_THICKNESS_MM = (2.5, 5.0, 9.0, 14.0)
 """Antero-posterior depth of the suprapatellar fluid (physiologic, small, medium, large)."""
-EXTRUSION_MM = (0.0, 2.5, 4.0, 6.5)
-"""Distance of the meniscal edge beyond the tibial margin (grade 0: the meniscus stays at rest, inside it)."""
+EXTRUSION_MM = tuple(0.0 if g == 0 else m.target
+                     for g, m in enumerate(moaks.CATEGORY_GRADES["meniscal_extrusion"]))
+"""Distance (physical mm, whatever the knee's size) of the meniscal edge beyond the tibial margin (grade 0: the
+meniscus stays at rest, inside it)."""
 
 _PERIARTICULAR_SITES = {
     "pes_anserine_bursitis_presence": "pes anserine bursa site",
@@ -350,6 +360,7 @@ class _Knee:
 
     def __init__(self, anatomy: Anatomy, min_mm: float) -> None:
         self.min_mm = min_mm
+        self.scale = tuple(float(f) for f in anatomy.scale)  # canonical -> physical mm per (m, z, y) axis
         self.tc_f, self.tc_t, self.tc_p = max(2.2, min_mm), max(2.0, min_mm), max(3.0, min_mm)
         gap = 0.6
         self.z_fb = -(gap / 2 + self.tc_f)  # lowest point of the femoral condyles (bone)
@@ -398,9 +409,10 @@ class _Knee:
         y_margin = self.yt - self.tib_semi[1] * np.sqrt(1.0 - (mc / self.tib_semi[0]) ** 2)
         ant_gap = (self.yc - p["ay"]) - y_margin
 
-        def shift(grade: int, gap: float) -> float:
-            return 0.0 if grade == 0 else EXTRUSION_MM[grade] + gap
-        return shift(body_grade, body_gap), shift(anterior_grade, ant_gap)
+        def shift(grade: int, gap: float, scale: float) -> float:
+            # EXTRUSION_MM is physical: the canonical displacement is divided by this knee's size factor.
+            return 0.0 if grade == 0 else EXTRUSION_MM[grade] / scale + gap
+        return shift(body_grade, body_gap, self.scale[0]), shift(anterior_grade, ant_gap, self.scale[2])
 
 
 def _surface(centre: Sequence[float], semi: Sequence[float],
@@ -438,13 +450,35 @@ def _draw_bml(cv: _Canvas, qid: int, sev: Mapping[str, int], v: _Vox, near: Opti
 
 
 def _draw_cartilage(cv: _Canvas, qid: int, sev: Mapping[str, int], v: _Vox, depth: np.ndarray) -> None:
+    """A defect over ``CARTILAGE_AREA[size]`` of the subregion: full-thickness loss over the
+    ``FULL_THICKNESS_SHARE[depth]`` of it nearest its centre, loss of the superficial half elsewhere.
+
+    ``depth`` is each voxel's normalized depth (1 at the joint surface, 0 at bone). Area is measured along
+    the surface: the distance from the centre voxel without its component across the layer, which a local
+    linear fit of depth against position gives (its gradient is the surface normal over the thickness).
+    So every layer of a surface position shares one distance, and the defect's parts are whole columns.
+    """
     size, deep = sev.values()
     if size == 0 or len(v) == 0:
         return
-    seed = v.xyz[cv.rng.integers(len(v))]
-    patch = _smallest(np.linalg.norm(v.xyz - seed, axis=1), _fraction(len(v), CARTILAGE_AREA[size]))
-    # Loss proceeds from the joint surface (depth 1) towards bone (depth 0).
-    lost = patch[_smallest(-depth[patch], _fraction(len(patch), CARTILAGE_DEPTH[deep]))]
+    mid = np.flatnonzero(np.abs(depth - 0.5) <= 0.25)
+    centre = int(cv.rng.choice(mid)) if len(mid) else int(cv.rng.integers(len(v)))
+    offset = v.xyz - v.xyz[centre]
+    dist = np.linalg.norm(offset, axis=1)
+    local = _smallest(dist, max(32, len(v) // 20))
+    x = offset[local] - offset[local].mean(0)
+    grad = np.linalg.lstsq(x, depth[local] - depth[local].mean(), rcond=None)[0]
+    across = offset @ (grad / max(float(np.linalg.norm(grad)), 1e-12))  # mm along the surface normal
+    along = np.sqrt(np.maximum(dist ** 2 - across ** 2, 0.0))
+    # Ties (one surface position) break towards the joint surface, so a cut never leaves a floating layer.
+    along = along - 1e-3 * depth
+    patch = _smallest(along, _fraction(len(v), CARTILAGE_AREA[size]))
+    lost = patch[depth[patch] >= PARTIAL_DEPTH]
+    if FULL_THICKNESS_SHARE[deep] > 0:
+        full = patch[_smallest(along[patch], _fraction(len(patch), FULL_THICKNESS_SHARE[deep]))]
+        lost = np.union1d(lost, full)
+    elif len(lost) == 0:  # voxels coarser than the cartilage: keep the defect visible, never down to bone
+        lost = patch[_smallest(-depth[patch], 1)]
     cv.lesion(qid, v.take(lost), FLUID)
 
 
@@ -769,7 +803,9 @@ def _paint_parameniscal(cv: _Canvas, k: _Knee) -> None:
         cv.put(v, ids[name], MUSCLE)
         qid, sev = cv.grades("meniscal_cyst", name)
         if sev["presence"] and len(v):
-            phi = np.radians({1: -80.0, 2: 0.0, 3: 80.0}[sev["tear_location"]])
+            # Next to the torn segment (tear_location 0 anterior horn, 1 body, 2 posterior horn); beside the
+            # body when the cyst has no tear (3).
+            phi = np.radians((-80.0, 0.0, 80.0, 0.0)[sev["tear_location"]])
             cyst = centre + (p["sgn"] * p["am"] * 1.3 * np.cos(phi), -height / 2, p["ay"] * 1.3 * np.sin(phi))
             dist = np.linalg.norm(v.xyz - cyst, axis=1) - max(4.0, 1.2 * k.min_mm)
             cv.lesion(qid, v.take(_inside_or_nearest(dist)), FLUID)

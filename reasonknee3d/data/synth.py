@@ -7,7 +7,9 @@ nothing, what the public release plus the user's OAI conversion provide:
   ``masks/knee_NNN.nii.gz`` (uint8 nnU-Net-style labels), same shape and affine;
 - ``data/split_files/{train,val,test}_split.csv`` with the real columns, patient-disjoint, some patients
   scanned at two timepoints;
-- ``data/question_files/``: questions, question_subregion_mapping, cot_question_mapping, grade_dict, labels;
+- ``data/question_files/``: questions, question_subregion_mapping, cot_question_mapping, grade_dict, labels,
+  and under the release's names ``questions_nobbox_zeroshot.json`` / ``questions_nobbox_guided.json``
+  (``{"1": text, ..., "69": text}``, answers asked in the release's JSON wrappers);
 - ``data/generate_data/{train,val,test,test_balanced}.json``: one item per (volume, question) with
   ``image``, ``prompt``, ``answer``, ``final_diagnosis`` and, unlike the public release, ``question_id`` and
   ``box`` (from the mask and the question's labels).
@@ -28,7 +30,9 @@ import numpy as np
 
 from ..answer import check_severity, format_answer
 from ..io_utils import atomic_open, atomic_path, write_json
-from ..prompts import grade_description, question_prompt, reasoning_steps, reasoning_template
+from ..moaks import NO_TEAR
+from ..prompts import (RELEASE_QUESTION_FILES, grade_description, question_prompt, reasoning_steps,
+                       reasoning_template, release_question_text)
 from ..schema import QuestionSpec, load_schema
 from .phantom import (LabelsLostError, Phantom, follow_up, label_boxes, label_names, question_labels, render_phantom,
                       sample_anatomy)
@@ -159,8 +163,8 @@ def sample_severity(spec: QuestionSpec, rng: np.random.Generator) -> dict[str, i
         size = _draw(rng, _GRADE_WEIGHTS[c])
         if size == 0:
             return dict.fromkeys(keys, 0)
-        if c == "cartilage":  # depth of the deepest part
-            return {keys[0]: size, keys[1]: 1 + _draw(rng, (0.4, 0.35, 0.25))}
+        if c == "cartilage":  # depth: share of the defect with full-thickness loss (0: partial thickness only)
+            return {keys[0]: size, keys[1]: _draw(rng, (0.35, 0.25, 0.25, 0.15))}
         return {keys[0]: size, keys[1]: 1 + _draw(rng, (0.55, 0.3, 0.15)), keys[2]: 1 + _draw(rng, (0.2, 0.3, 0.5))}
     if c in _GRADE_WEIGHTS:
         return {keys[0]: _draw(rng, _GRADE_WEIGHTS[c])}
@@ -168,13 +172,18 @@ def sample_severity(spec: QuestionSpec, rng: np.random.Generator) -> dict[str, i
         return {k: int(rng.random() < _PRESENCE_RATE[k]) for k in keys}
     present = int(rng.random() < _PRESENCE_RATE[c])
     if c == "meniscal_cyst":
-        return {"presence": present, "tear_location": int(rng.integers(1, 4)) if present else 0}
+        # A cyst usually arises from a tear (anterior horn, body, posterior horn); no cyst, no tear (3).
+        tear = _draw(rng, (0.25, 0.3, 0.35, 0.1)) if present else NO_TEAR
+        return {"presence": present, "tear_location": tear}
     return {keys[0]: present}
 
 
 def _covering_severities(spec: QuestionSpec) -> list[dict[str, int]]:
     """Severities that together show every grade of every field: the i-th takes each field's i-th grade
     (its last grade when it has fewer). For the schema's fields these are consistent (size i, number i...)."""
+    if spec.category == "meniscal_cyst":  # no cyst without a tear, then a cyst with each tear location
+        return [{"presence": 0, "tear_location": NO_TEAR}] + [{"presence": 1, "tear_location": t}
+                                                                 for t in range(NO_TEAR)]
     n = max(len(f.grades) for f in spec.fields)
     return [{f.key: f.grades[min(i, len(f.grades) - 1)] for f in spec.fields} for i in range(n)]
 
@@ -244,6 +253,9 @@ def _write_question_files(root: Path, qids: Sequence[int]) -> int:
         "grade_dict.json": {str(q): {f.key: {str(g): grade_description(schema[q], f.key, g) for g in f.grades}
                                      for f in schema[q].fields} for q in qids},
         "labels.json": {str(i): name for i, name in label_names().items()},
+        # The release's own question files: the zero-shot and guided texts, keyed "1".."69".
+        **{name: {str(q): release_question_text(schema[q], style) for q in qids}
+           for style, name in RELEASE_QUESTION_FILES.items()},
     }
     size = 0
     for name, obj in files.items():
@@ -316,7 +328,7 @@ def write_synthetic_release(out: Path, n_volumes: int, shape: tuple[int, int, in
         write_json(path, rows)
         size += path.stat().st_size
     size += _write_question_files(data / "question_files", qids)
-    files += len(SPLITS) + len(generated) + 5
+    files += len(SPLITS) + len(generated) + 5 + len(RELEASE_QUESTION_FILES)
     return SynthSummary(out=out, shape=shape, seed=seed,  # type: ignore[arg-type]
                         volumes={s: sum(p.split == s for p in plans) for s in SPLITS},
                         items={n: len(r) for n, r in generated.items()}, seconds=time.perf_counter() - t0,

@@ -75,8 +75,8 @@ def test_compressed_cap(tmp_path, monkeypatch):
     vol, _ = load_volume(path)  # within every limit
     np.testing.assert_array_equal(vol, arr)
     monkeypatch.setattr(vio, "MAX_COMPRESSED_DATA_BYTES", arr.nbytes - 1)
-    with pytest.raises(VolumeError, match=rf"ok\.nii\.gz: header declares shape \(8, 12, 10\) of int16 = 1920 "
-                                          rf"bytes of voxel data; expected at most 1919 bytes"):
+    with pytest.raises(VolumeError, match=r"ok\.nii\.gz: header declares shape \(8, 12, 10\) of int16 = 1920 "
+                                          r"bytes of voxel data; expected at most 1919 bytes"):
         load_volume(path)
 
 

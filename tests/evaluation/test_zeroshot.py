@@ -247,3 +247,120 @@ def test_hf_backend_with_a_tiny_local_checkpoint(release, tmp_path):
     again = run_zeroshot("hf", str(tiny), release, "train", out.with_suffix(".plain.jsonl"), limit=2,
                          max_new_tokens=3, frames=2, frame_size=(56, 56))
     assert again.n_written == 0 and again.n_skipped_done == 2
+
+
+# --- the paper preset ----------------------------------------------------------------------------------
+
+def test_paper_video_frames_scale_each_slice_on_its_own():
+    import numpy as np
+
+    from reasonknee3d.evaluation.zeroshot import paper_video_frames
+
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(0, 900, size=(7, 20, 24)).astype(np.float32)
+    vol[2] = rng.uniform(100, 150, size=(20, 24))  # a dim slice still spans 0-255 on its own
+    vol[5] = 42.0  # a flat slice
+    frames = paper_video_frames(vol)
+    assert tuple(frames.shape) == (7, 3, 20, 24) and frames.dtype.__str__() == "torch.uint8"
+    assert bool((frames[:, 0] == frames[:, 1]).all() and (frames[:, 0] == frames[:, 2]).all())
+    for i in (0, 1, 2, 3, 4, 6):
+        s = np.clip(vol[i], 0, 400)
+        want = ((s - s.min()) / (s.max() - s.min()) * 255).astype(np.uint8)
+        assert np.array_equal(frames[i, 0].numpy(), want), i
+        assert frames[i, 0].max() == 255 and frames[i, 0].min() == 0
+    assert frames[5].max() == 0
+
+
+def test_paper_openai_slices_and_whole_volume_scaling():
+    import numpy as np
+
+    from reasonknee3d.evaluation.zeroshot import paper_openai_frames, paper_openai_slice_indices
+
+    idx = paper_openai_slice_indices(160)
+    assert idx.tolist() == np.linspace(32, 128, 32, dtype=int).tolist()
+    assert len(idx) == 32 and idx[0] == 32 and idx[-1] == 128 and idx[1] == 35
+    small = paper_openai_slice_indices(16)
+    assert len(small) == 32 and small[0] == 3 and small[-1] == 12
+    vol = np.full((160, 8, 8), 100.0, dtype=np.float32)
+    vol[0, 0, 0] = 1000.0  # outside the selected slices, yet it sets the scale
+    vol[32, 0, 0] = 600.0  # clipped to 400 first
+    vol[32, 0, 1] = 20.0
+    frames, used = paper_openai_frames(vol)
+    assert used.tolist() == idx.tolist() and tuple(frames.shape) == (32, 3, 8, 8)
+    lo, hi = 20.0, 1000.0
+    assert frames[0, 0, 0, 0] == int((400 - lo) / (hi - lo) * 255)
+    assert frames[0, 0, 0, 1] == 0 and frames[0, 0, 1, 1] == int((100 - lo) / (hi - lo) * 255)
+
+
+class _Spy:
+    """A processor that records the keyword arguments of its calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(kwargs)
+        return self.inner(*args, **kwargs)
+
+
+def test_paper_hf_inputs_video_at_4_fps_default_size_system_and_question(tmp_path):
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from reasonknee3d.evaluation.zeroshot import PAPER_SYSTEM_PROMPT, paper_hf_inputs, paper_video_frames
+    from reasonknee3d.models.tiny_qwen import default_tiny_qwen_dir
+
+    processor = _Spy(AutoProcessor.from_pretrained(default_tiny_qwen_dir(tmp_path)))
+    vol = np.random.default_rng(1).uniform(0, 500, size=(10, 384, 384)).astype(np.float32)
+    frames = paper_video_frames(vol)
+    assert tuple(frames.shape) == (10, 3, 384, 384)  # every slice, stored size
+    question = "In this knee MRI, grade the osteophyte."
+    batch = paper_hf_inputs(processor, [frames], [question])
+    assert processor.calls[0]["fps"] == 4.0 and processor.calls[0]["video_metadata"][0].fps == 4.0
+    assert "size" not in processor.calls[0]  # the processor's own default size
+    # 10 frames -> 5 temporal patches; 384 px -> 392 px = 28 patches of 14 per side.
+    assert batch["video_grid_thw"].tolist() == [[5, 28, 28]]
+    assert batch["second_per_grid_ts"].tolist() == [0.5]  # temporal_patch_size 2 / 4 fps
+    text = processor.batch_decode(batch["input_ids"])[0]
+    assert PAPER_SYSTEM_PROMPT in text and question in text and "radiologist" in PAPER_SYSTEM_PROMPT
+    assert text.count("<|video_pad|>") == 5 * 14 * 14
+
+
+def test_paper_preset_prompts_are_the_release_question_files(release):
+    files = release / "data/question_files"
+    zs = json.loads((files / "questions_nobbox_zeroshot.json").read_text())
+    guided = json.loads((files / "questions_nobbox_guided.json").read_text())
+    assert sorted(zs, key=int) == ["1", "30"] and '{"MOAKS_scores": {"patella superior osteophyte"' in zs["30"]
+    rel = ZeroShotPrompts(release, "paper")
+    assert rel.prompt(30, "plain", (16, 32, 32)) == zs["30"]
+    assert rel.prompt(30, "guided") == guided["30"] != zs["30"]
+    assert rel.prompt(30, "gt-crop").endswith(guided["30"]) and "cropped" in rel.prompt(30, "gt-crop")
+    own = ZeroShotPrompts(None, "paper")
+    assert own.prompt(44, "plain") == prompts.release_question_text(get_question(44), "plain")
+    with pytest.raises(ValueError, match="preset"):
+        ZeroShotPrompts(release, "fancy")
+
+
+def test_paper_preset_runs_end_to_end(server, release, tmp_path):
+    from reasonknee3d.evaluation.zeroshot import PAPER_OPENAI_SYSTEM_PROMPT
+    from reasonknee3d.models.tiny_qwen import default_tiny_qwen_dir
+
+    res = run_zeroshot("openai", "fake-o1", release, "train", tmp_path / "o.jsonl", base_url=server.url, limit=1,
+                       env={}, preset="paper")
+    assert res.n_written == 1
+    body, _ = server.requests[0]
+    assert body["messages"][0] == {"role": "system", "content": PAPER_OPENAI_SYSTEM_PROMPT}
+    images = [p for p in body["messages"][1]["content"] if p["type"] == "image_url"]
+    assert len(images) == 32 and "JSON object with the keys" not in text_of(body)
+    sample = next(iter(iter_samples(release, "train")))
+    zs = json.loads((release / "data/question_files/questions_nobbox_zeroshot.json").read_text())
+    assert zs[str(sample.question_id)] in text_of(body)
+    with pytest.raises(ValueError, match="preset paper fixes the frames"):
+        run_zeroshot("hf", "x", release, "train", tmp_path / "x.jsonl", preset="paper", frames=4)
+    out = tmp_path / "hf.jsonl"
+    res = run_zeroshot("hf", str(default_tiny_qwen_dir(tmp_path)), release, "train", out, setting="guided", limit=2,
+                       batch_size=2, max_new_tokens=3, preset="paper")
+    assert res.n_written == 2 and not res.failed

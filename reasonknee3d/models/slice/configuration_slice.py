@@ -20,7 +20,7 @@ SLICE_CONFIG_ATTR = "reasonknee3d_slice"
 
 # Bump when the frame or feature code changes what is cached for the same settings.
 FEATURE_CACHE_VERSION = 1
-WINDOW_MODES = ("fixed", "percentile")
+WINDOW_MODES = ("fixed", "percentile", "slice_minmax")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields of SliceBaselineConfig that change the frames (and so the cached vision features).
 FRAME_FIELDS = ("num_frames", "slice_range", "window", "window_mode", "frame_size", "min_pixels", "max_pixels")
@@ -41,7 +41,8 @@ class SliceBaselineConfig:
     window: tuple[float, float] = (0.0, 400.0)
     """Intensity window mapped to 0-255: raw values (``fixed``) or percentiles of the volume (``percentile``)."""
     window_mode: str = "fixed"
-    """``fixed`` (the paper: 0-400) or ``percentile`` (per-volume percentiles)."""
+    """``fixed`` (0-400 mapped onto 0-255), ``percentile`` (per-volume percentiles) or ``slice_minmax`` (the
+    paper's preprocessing: clip to the raw window, then scale each slice by its own minimum and maximum)."""
     frame_size: tuple[int, int] = (224, 224)
     """(height, width) each slice is resized to; multiples of patch_size * merge_size."""
     min_pixels: Optional[int] = None
@@ -56,6 +57,13 @@ class SliceBaselineConfig:
     """Patches merged per side into one language-model token (checked against the checkpoint)."""
     temporal_patch_size: int = 2
     """Frames per temporal patch (checked against the checkpoint)."""
+    feature_tokens: Optional[int] = None
+    """Resample each volume's cached vision features to this many tokens (evenly spaced picks along the
+    token sequence, repeats when there are fewer); None keeps every token. The paper fed 8,192 of the
+    15,680 tokens of 160 slices at 392 x 392. The picked tokens go to the language model as a one-token-
+    per-step sequence (video grid ``(feature_tokens, merge_size, merge_size)``), so their M-RoPE positions
+    advance one temporal step per token at ``fps`` = 2 * tokens_per_second / temporal_patch_size. Needs the
+    feature cache (``reasonknee3d preprocess``): pixel inputs would reach the model unresampled."""
     crop_margin: int = 4
     """Voxels added on every side of the reference box in the gt-crop setting."""
     system_prompt: Optional[str] = None
@@ -91,6 +99,9 @@ class SliceBaselineConfig:
             raise ValueError(f"model.min_pixels {lo_px} exceeds model.max_pixels {hi_px}")
         if self.fps <= 0:
             raise ValueError(f"model.fps must be > 0, got {self.fps}")
+        if self.feature_tokens is not None and (isinstance(self.feature_tokens, bool)
+                                                or not isinstance(self.feature_tokens, int) or self.feature_tokens < 1):
+            raise ValueError(f"model.feature_tokens must be a positive integer or null, got {self.feature_tokens!r}")
         if self.crop_margin < 0:
             raise ValueError(f"model.crop_margin must be >= 0, got {self.crop_margin}")
         if self.dtype not in DTYPES:
@@ -110,7 +121,10 @@ class SliceBaselineConfig:
     def frame_settings(self) -> dict[str, Any]:
         """The settings that change the frames, hence the cached vision features."""
         d = dataclasses.asdict(self)
-        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in FRAME_FIELDS}
+        out = {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in FRAME_FIELDS}
+        if self.feature_tokens is not None:  # only when set, so caches of other configs keep their keys
+            out["feature_tokens"] = self.feature_tokens
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -125,4 +126,15 @@ def compute_video_features(model: Any, processor: Any, cfg: SliceBaselineConfig,
     visual = base_model(model).model.visual
     out = base_model(model).get_video_features(enc["pixel_values_videos"].to(visual.device),
                                           video_grid_thw=enc["video_grid_thw"].to(visual.device))
-    return out.pooler_output[0], enc["video_grid_thw"][0]
+    return resample_features(out.pooler_output[0], enc["video_grid_thw"][0], cfg)
+
+
+def resample_features(features: torch.Tensor, grid_thw: torch.Tensor,
+                      cfg: SliceBaselineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.feature_tokens`` evenly spaced rows of ``(N, C)`` features (indices ``linspace(0, N - 1, K)``
+    rounded down) and their grid ``(K, merge_size, merge_size)``; unchanged when ``feature_tokens`` is None."""
+    if cfg.feature_tokens is None:
+        return features, grid_thw
+    k = cfg.feature_tokens
+    idx = torch.from_numpy(np.linspace(0, features.shape[0] - 1, k).astype(np.int64)).to(features.device)
+    return features[idx], torch.tensor([k, cfg.merge_size, cfg.merge_size], dtype=torch.int64)

@@ -40,7 +40,14 @@ def select_slices(num_slices: int, cfg: SliceBaselineConfig) -> np.ndarray:
 
 
 def window_to_uint8(volume: np.ndarray, cfg: SliceBaselineConfig) -> np.ndarray:
-    """Clip intensities to the window and map it linearly onto 0-255."""
+    """Clip intensities to the window and map it linearly onto 0-255 (``slice_minmax``: each slice of the
+    ``(T, H, W)`` stack from its own minimum to its own maximum after the clip; a flat slice is black)."""
+    if cfg.window_mode == "slice_minmax":
+        v = np.clip(volume.astype(np.float32), *cfg.window)
+        lo = v.min(axis=tuple(range(1, v.ndim)), keepdims=True)
+        span = v.max(axis=tuple(range(1, v.ndim)), keepdims=True) - lo
+        scaled = np.divide(v - lo, span, out=np.zeros_like(v), where=span > 0) * 255.0
+        return np.rint(scaled).astype(np.uint8)
     if cfg.window_mode == "fixed":
         lo, hi = cfg.window
     else:
@@ -120,6 +127,8 @@ def token_count(cfg: SliceBaselineConfig | Mapping[str, Any], volume_shape: Sequ
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 
     cfg = as_slice_config(cfg)
+    if cfg.feature_tokens is not None:
+        return cfg.feature_tokens
     frames = len(select_slices(int(volume_shape[0]), cfg))
     lo, hi = cfg.pixel_limits
     h, w = smart_resize(*cfg.frame_size, factor=cfg.patch_size * cfg.merge_size, min_pixels=lo, max_pixels=hi)
@@ -143,6 +152,10 @@ class SliceCollator:
                  train: bool = True, prompt_fn: Optional[Callable[[Any], str]] = None, crop: bool = False) -> None:
         if crop and cache is not None:
             raise ValueError("crop and the feature cache exclude each other: cached features are of whole volumes")
+        if cfg.feature_tokens is not None and cache is None:
+            raise ValueError(f"model.feature_tokens={cfg.feature_tokens} resamples cached vision features; this "
+                             f"path reads pixels, which would reach the model unresampled. Run `reasonknee3d "
+                             f"preprocess` and use the feature cache (train / predict)")
         self.processor, self.tokenizer, self.cfg = processor, processor.tokenizer, cfg
         self.cache, self.train, self.prompt_fn, self.crop = cache, train, prompt_fn, crop
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
