@@ -197,7 +197,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         import logging
 
         from .training.config import ConfigError, load_experiment_config
-        from .training.trainer import run_training
+        from .training.trainer import NonFiniteTrainingError, run_training
         flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
                  "train.save_steps": a.save_steps}
         # JSON-quoted: a path stays a string even when YAML would read it as a number or a mapping.
@@ -208,6 +208,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         except (ConfigError, FileNotFoundError) as e:
             print(f"reasonknee3d train: {e}", file=sys.stderr)
             return 2
+        except NonFiniteTrainingError as e:
+            print(f"reasonknee3d train: {e}", file=sys.stderr)
+            return 1
         resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
         print(f"trained to step {result.global_step}{resumed}: {result.final_dir}"
               + (f", merged: {result.merged_dir}" if result.merged_dir else ""))
