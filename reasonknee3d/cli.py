@@ -19,10 +19,16 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--volumes", type=int, default=16)
     p.add_argument("--shape", type=int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it holds an earlier synth output")
 
     def run(a: argparse.Namespace) -> int:
         from .data.synth import write_synthetic_release
-        summary = write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed)
+        try:
+            summary = write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed,
+                                              overwrite=a.overwrite)
+        except (ValueError, OSError) as e:
+            print(f"reasonknee3d synth: {e}", file=sys.stderr)
+            return 2
         print(summary)
         return 0
     p.set_defaults(func=run)
@@ -110,7 +116,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write an untrained model directory from an experiment config")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML (family, data, model)")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write (replaced if present)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="model directory to write: new or empty, or an earlier init output with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier init output")
 
     def run(a: argparse.Namespace) -> int:
         import importlib.util
@@ -125,14 +133,14 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
         try:
             if family == "3d":
                 from .models.modeling_reasonknee3d import init_reasonknee3d
-                out = init_reasonknee3d(raw, a.out)
+                out = init_reasonknee3d(raw, a.out, overwrite=a.overwrite)
             elif family == "slice":
                 if importlib.util.find_spec("reasonknee3d.models.slice_baseline") is None:
                     print("reasonknee3d init: the slice family needs reasonknee3d/models/slice_baseline.py "
                           "(init_slice_model), which this installation lacks", file=sys.stderr)
                     return 2
                 from .models.slice_baseline import init_slice_model
-                out = init_slice_model(raw, a.out)
+                out = init_slice_model(raw, a.out, overwrite=a.overwrite)
             else:
                 print(f"reasonknee3d init: {a.config}: family must be 3d or slice, got {family!r}", file=sys.stderr)
                 return 2
@@ -240,6 +248,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
             return 2
         print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
               f"-> {res.out}")
+        if res.skipped:
+            from .evaluation.predict import skipped_summary
+            print(f"{len(res.skipped)} skipped (a rerun tries them again), listed in {res.skipped_path}:",
+                  file=sys.stderr)
+            print("\n".join(skipped_summary(res.skipped)), file=sys.stderr)
+            return 1
         return 0
     p.set_defaults(func=run)
 
@@ -271,10 +285,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole loop on the embedded default: synth, train both, predict, score")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="everything is written under this folder")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (about 2 minutes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --out that used other settings (same settings resume)")
 
     def run(a: argparse.Namespace) -> int:
         from .demo import run_demo
-        run_demo(a.out, quick=a.quick)
+        from .io_utils import OutputDirError
+        try:
+            run_demo(a.out, quick=a.quick, overwrite=a.overwrite)
+        except OutputDirError as e:
+            print(f"reasonknee3d demo: {e}", file=sys.stderr)
+            return 2
         return 0
     p.set_defaults(func=run)
 

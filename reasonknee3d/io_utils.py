@@ -121,21 +121,23 @@ def write_output_marker(folder: str | os.PathLike, command: str, settings: Mappi
 
 
 def check_output_dir(path: str | os.PathLike, command: str, overwrite: bool,
-                     settings: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, Any]]:
+                     settings: Optional[Mapping[str, Any]] = None,
+                     replaces_folder: bool = True) -> Optional[dict[str, Any]]:
     """Raise ``OutputDirError`` unless ``command`` may write the folder ``path``.
 
     Allowed: ``path`` does not exist or is an empty folder; or it holds the earlier output of the same
     ``command`` (its ``OUTPUT_MARKER``) and ``overwrite`` is set. Refused: the current folder or one that
     contains it, a file, a non-empty folder without our marker or with another command's marker, and our own
     output without ``overwrite``. Returns the earlier marker when there is one. ``settings`` only adds the
-    difference to the message.
+    difference to the message. ``replaces_folder`` False (a command that writes inside the folder and never
+    renames it) allows the current folder under the same rules.
     """
     path = Path(path)
     flag = f"reasonknee3d {command}"
     if not (path.exists() or path.is_symlink()):
         return None
     resolved, cwd = path.resolve(), Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
+    if replaces_folder and (resolved == cwd or resolved in cwd.parents):
         raise OutputDirError(f"{path} is the current folder (or contains it); {flag} replaces its output folder "
                              f"as a whole, so choose a new sub-folder")
     if not path.is_dir():
@@ -154,8 +156,8 @@ def check_output_dir(path: str | os.PathLike, command: str, overwrite: bool,
         differ = ""
         if settings is not None and earlier != output_marker(command, settings)["settings"]:
             differ = f" with other settings ({json.dumps(earlier)})"
-        raise OutputDirError(f"{path} holds the output of an earlier {flag}{differ}; pass --overwrite to replace "
-                             f"it, or choose another folder")
+        raise OutputDirError(f"{path} is not empty: it holds the output of an earlier {flag}{differ}; pass "
+                             f"--overwrite to replace it, or choose another folder")
     return marker
 
 

@@ -14,7 +14,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,7 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
 from ..constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
-from ..io_utils import atomic_dir
+from ..io_utils import OUTPUT_MARKER, atomic_dir, check_output_dir, output_marker, write_json
 from .configuration_reasonknee3d import ProjectorConfig, ReasonKnee3DConfig, VolumeEncoderConfig, check_region_size
 from .projector import PROJECTORS, build_projector
 from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
@@ -494,15 +494,27 @@ def build_reasonknee3d(model: dict[str, Any], data: Any) -> tuple[ReasonKnee3DFo
     return rk_model, processor
 
 
-def init_reasonknee3d(experiment: dict[str, Any], out_dir: str | Path) -> Path:
-    """``reasonknee3d init`` for family ``3d``: write an untrained model + processor directory."""
+def init_reasonknee3d(experiment: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``reasonknee3d init`` for family ``3d``: write an untrained model + processor directory.
+
+    ``out_dir`` must be new or empty, or hold an earlier ``init`` output (``io_utils.OUTPUT_MARKER``) and
+    ``overwrite`` be set; anything else raises ``io_utils.OutputDirError`` before any work.
+    """
+    settings = {"family": "3d", "model": experiment.get("model") or {}, "data": experiment.get("data") or {}}
+    check_output_dir(out_dir, "init", overwrite, settings)
     model, processor = build_reasonknee3d(experiment.get("model") or {}, experiment.get("data") or {})
-    return save_model_dir(model, processor, out_dir)
+    return save_model_dir(model, processor, out_dir, marker=output_marker("init", settings))
 
 
-def save_model_dir(model: PreTrainedModel, processor: Any, out_dir: str | Path) -> Path:
-    """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed)."""
+def save_model_dir(model: PreTrainedModel, processor: Any, out_dir: str | Path,
+                   marker: Optional[dict[str, Any]] = None) -> Path:
+    """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed).
+
+    ``marker`` (``io_utils.output_marker``) is written as the folder's ``OUTPUT_MARKER``.
+    """
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if marker is not None:
+            write_json(tmp / OUTPUT_MARKER, marker)
     return Path(out_dir)

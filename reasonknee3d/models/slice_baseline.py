@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from ..attention import select_attn_implementation
 from ..boxes import clip_boxes, coord_tokens_to_text, validate_box, voxel_text_to_coord_tokens
 from ..constants import VIDEO_PAD, VISION_END, VISION_START
-from ..io_utils import atomic_dir, atomic_path
+from ..io_utils import atomic_dir, atomic_path, check_output_dir, write_output_marker
 from .chat import decode_answer, encode_example, pad_examples
 from .tiny_qwen import default_tiny_qwen_dir
 from .tokens import add_box_tokens_to_model
@@ -496,19 +496,22 @@ def check_slice_train_config(train: Any) -> None:
                              f"{role} must be frozen, got {getattr(train, role)!r}")
 
 
-def init_slice_model(cfg_dict: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
+def init_slice_model(cfg_dict: Mapping[str, Any], out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write an untrained slice model folder: base + box tokens + processor + LoRA adapter (zero update).
 
     LoRA and the trainable coordinate-token rows come from the experiment's ``train:`` section through
     ``training.stages.setup_trainable`` (targets anchored on the language model). The folder holds the base
     weights and the adapter side by side, so ``Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir)``
-    returns the model with its adapter. Written in a temporary sibling and renamed into place.
+    returns the model with its adapter. Written in a temporary sibling and renamed into place. ``out_dir``
+    must be new or empty, or hold an earlier ``init`` output and ``overwrite`` be set (``io_utils.check_output_dir``).
     """
     from peft import PeftModel
 
     from ..training.config import TrainConfig
     from ..training.stages import setup_trainable
 
+    settings = {"family": "slice", "model": cfg_dict.get("model") or {}, "train": cfg_dict.get("train") or {}}
+    check_output_dir(out_dir, "init", overwrite, settings)
     cfg = as_slice_config(cfg_dict)
     try:
         train = TrainConfig(**dict(cfg_dict.get("train") or {}))
@@ -522,6 +525,7 @@ def init_slice_model(cfg_dict: Mapping[str, Any], out_dir: str | os.PathLike) ->
         if isinstance(trainable, PeftModel):
             trainable.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        write_output_marker(tmp, "init", settings)
     return Path(out_dir)
 
 

@@ -48,7 +48,7 @@ def test_init_dispatches_the_slice_family(tmp_path, monkeypatch, capsys):
     import reasonknee3d.models.slice_baseline as slice_baseline
     seen = {}
     monkeypatch.setattr(slice_baseline, "init_slice_model",
-                        lambda cfg, out: seen.update(cfg=cfg, out=out) or Path(out))
+                        lambda cfg, out, overwrite=False: seen.update(cfg=cfg, out=out) or Path(out))
     cfg = tmp_path / "slice.yaml"
     cfg.write_text("family: slice\nmodel: {frames: 8}\n")
     assert main(["init", "--config", str(cfg), "--out", str(tmp_path / "s")]) == 0
