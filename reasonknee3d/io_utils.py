@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Optional
@@ -66,6 +67,23 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         yield fh
 
 
+def normalize_permissions(folder: str | os.PathLike) -> None:
+    """Give every file and folder under ``folder`` the permissions of a plain ``open`` / ``mkdir``.
+
+    Libraries that write through ``tempfile`` (transformers' weight shards, for one) leave private 0600
+    files; a model folder should be as readable as the rest of the run. Execute bits are kept, symlinks are
+    left alone.
+    """
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(path, (0o666 | (st.st_mode & 0o111)) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder next to ``path``; on success it replaces ``path``, on error it is removed.
@@ -83,6 +101,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
+        normalize_permissions(tmp)
         old = None
         if path.exists() or path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

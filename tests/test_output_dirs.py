@@ -39,6 +39,13 @@ def test_written_files_and_folders_follow_the_umask(tmp_path: Path, umask: int) 
     assert _mode(tmp_path / "a.json") == 0o664
 
 
+def test_init_model_folder_follows_the_umask(tmp_path: Path, umask: int) -> None:
+    assert main(["init", "--config", str(TINY), "--out", str(tmp_path / "m")]) == 0
+    modes = {p.name: _mode(p) for p in [tmp_path / "m", *(tmp_path / "m").iterdir()]}
+    assert "model.safetensors" in modes and OUTPUT_MARKER in modes
+    assert {k: v for k, v in modes.items() if v != (0o750 if k == "m" else 0o640)} == {}
+
+
 def test_atomic_dir_swaps_whole_folders_and_refuses_the_current_one(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "old.txt").write_text("old")

@@ -274,7 +274,8 @@ def write_synthetic_release(out: Path, n_volumes: int, shape: tuple[int, int, in
     if unknown or not qids:
         raise ValueError(f"questions {list(questions or [])}: unknown ids {unknown}; expected ids in "
                          f"{min(schema)}..{max(schema)}")
-    settings = {"volumes": n_volumes, "shape": list(shape), "seed": seed, "questions": qids}
+    settings = {"volumes": n_volumes, "shape": list(shape), "seed": seed,
+                "questions": "all" if questions is None else qids}
     check_output_dir(out, "synth", overwrite, settings)
     with atomic_dir(out) as tmp:
         summary = _write_release(tmp, n_volumes, shape, seed, qids, schema)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..attention import select_attn_implementation
+from ..io_utils import normalize_permissions
 from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
 from .config import ExperimentConfig, TrainConfig, save_experiment_config
@@ -180,6 +181,7 @@ class ReasonKneeTrainer(Trainer):
         save_experiment_config(self.experiment, out / EXPERIMENT_FILE)
         if isinstance(self.model, PeftModel) and self.base_model_dir is not None:
             link_base_files(self.base_model_dir, out)
+        normalize_permissions(out)  # weight shards arrive as private 0600 temporary files
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = model if model is not None else self.model

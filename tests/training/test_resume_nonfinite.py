@@ -132,3 +132,17 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteTrainingError, match=r"step 2: trainable weights are not finite \(model\.encoder"):
         run_training(toy_experiment(tmp_path, stage="alignment"), family=ToyFamily(), callbacks=[Poison()])
     assert not (tmp_path / "checkpoint-2").exists() and not (tmp_path / "final").exists()
+
+
+def test_run_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+    old = os.umask(0o027)
+    try:
+        run_training(toy_experiment(tmp_path / "run", max_steps=2), family=ToyFamily())
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").rglob("*")}
+    assert {"run/final/model.safetensors", "run/checkpoint-2/adapter_model.safetensors",
+            "run/base_model/model.safetensors", "run/metrics.jsonl"} <= set(modes)
+    assert {k: v for k, v in modes.items() if v != (0o750 if (tmp_path / k).is_dir() else 0o640)} == {}
