@@ -132,15 +132,16 @@ def _left_out(data_dir: str | os.PathLike, split: str, kept: Sequence[Any],
                      + reasons.get(s.volume_id, f"no preprocessed entry for {s.image_path}")) for s in missing])
 
 
-def skipped_summary(skipped: Sequence[Skipped], examples: int = 2) -> list[str]:
-    """Console lines: one per reason kind (the text before the first ':'), with its count and first examples."""
+def skipped_summary(skipped: Sequence[Skipped], examples: int = 3) -> list[str]:
+    """Console lines: one per reason kind (the text before the first ':'), with its count, the first sample
+    ids and the first full reason."""
     groups: dict[str, list[Skipped]] = {}
     for sk in skipped:
         groups.setdefault(sk.reason.split(":", 1)[0], []).append(sk)
     lines = []
     for kind, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        shown = "; ".join(f"{sk.item}: {sk.reason}" for sk in items[:examples])
-        lines.append(f"  {len(items)} x {kind}, e.g. {shown}")
+        ids = ", ".join(sk.item for sk in items[:examples]) + (", ..." if len(items) > examples else "")
+        lines.append(f"  {len(items)} x {kind} (e.g. {ids}): {' '.join(items[0].reason.split())}")
     return lines
 
 

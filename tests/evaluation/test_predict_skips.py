@@ -52,8 +52,8 @@ def test_bad_volumes_are_skipped_listed_and_retried(tmp_path: Path, monkeypatch,
     on_broken = [s.sample_id for s in samples if s.volume_id == volumes[0]]
     n_skipped = len(on_broken) + 1
     assert f"{n_skipped} skipped (a rerun tries them again), listed in {tmp_path / 'p.skipped.jsonl'}" in err
-    assert f"{len(on_broken)} x volume failed to load or preprocess, e.g. {on_broken[0]}" in err
-    assert f"1 x OSError, e.g. {bad_item}: OSError: cache entry unreadable" in err
+    assert f"{len(on_broken)} x volume failed to load or preprocess (e.g. {on_broken[0]}" in err
+    assert f"1 x OSError (e.g. {bad_item}): OSError: cache entry unreadable" in err
     listed = [json.loads(line) for line in (tmp_path / "p.skipped.jsonl").read_text().splitlines()]
     assert sorted(r["item"] for r in listed) == sorted([*on_broken, bad_item])
     assert all("preprocess_skipped.jsonl" in r["reason"] for r in listed if r["item"] in on_broken)
