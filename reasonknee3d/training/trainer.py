@@ -127,7 +127,8 @@ class ReasonKneeTrainer(Trainer):
             inputs = answer_logits_only(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_losses.append(loss.detach().float().reshape(-1))  # checked once per optimizer step
         return loss

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_family import ToyDataset, ToyFamily, toy_experiment
+from toy_family import ToyDataset, ToyFamily, collate, toy_experiment
 
 from reasonknee3d.training.checkpoints import INCOMPLETE_DIR, checkpoint_problems, resolve_resume
 from reasonknee3d.training.config import ConfigError, TrainConfig
@@ -94,7 +94,7 @@ class _NaNFamily(ToyFamily):
     def train_data(self, exp, model, processor):
         data = ToyDataset(self.n_samples)
         data.items[self.bad]["volume"] = torch.full_like(data.items[self.bad]["volume"], float("nan"))
-        return data, __import__("toy_family").collate
+        return data, collate
 
 
 @pytest.mark.parametrize("case", ["huge_lr", "nan_input"])
