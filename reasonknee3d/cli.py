@@ -19,10 +19,16 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--volumes", type=int, default=16)
     p.add_argument("--shape", type=int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it holds an earlier synth output")
 
     def run(a: argparse.Namespace) -> int:
         from .data.synth import write_synthetic_release
-        summary = write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed)
+        try:
+            summary = write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed,
+                                              overwrite=a.overwrite)
+        except (ValueError, OSError) as e:
+            print(f"reasonknee3d synth: {e}", file=sys.stderr)
+            return 2
         print(summary)
         return 0
     p.set_defaults(func=run)
@@ -130,7 +136,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write an untrained model directory from an experiment config")
     p.add_argument("--config", required=True, help="experiment YAML or preset name (e.g. tiny_3d)")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write (replaced if present)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="model directory to write: new or empty, or an earlier init output with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier init output")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_bins=32")
 
     def run(a: argparse.Namespace) -> int:
@@ -138,7 +146,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
         from .families import get_family, load_experiment_config
         try:
             exp = load_experiment_config(a.config, a.overrides)
-            out = get_family(exp.family).init(exp, a.out)
+            out = get_family(exp.family).init(exp, a.out, overwrite=a.overwrite)
         except (ConfigError, ValueError, OSError) as e:
             print(f"reasonknee3d init: {e}", file=sys.stderr)
             return 2
@@ -210,7 +218,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
         from .config import ConfigError
         from .families import load_experiment_config
-        from .training.trainer import run_training
+        from .training.trainer import NonFiniteTrainingError, run_training
         flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
                  "train.save_steps": a.save_steps}
         # JSON-quoted: a path stays a string even when YAML would read it as a number or a mapping.
@@ -221,6 +229,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         except (ConfigError, FileNotFoundError) as e:
             print(f"reasonknee3d train: {e}", file=sys.stderr)
             return 2
+        except NonFiniteTrainingError as e:
+            print(f"reasonknee3d train: {e}", file=sys.stderr)
+            return 1
         resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
         print(f"trained to step {result.global_step}{resumed}: {result.final_dir}"
               + (f", merged: {result.merged_dir}" if result.merged_dir else ""))
@@ -250,6 +261,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
             return 2
         print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
               f"-> {res.out}")
+        if res.skipped:
+            from .evaluation.predict import skipped_summary
+            print(f"{len(res.skipped)} skipped (a rerun tries them again), listed in {res.skipped_path}:",
+                  file=sys.stderr)
+            print("\n".join(skipped_summary(res.skipped)), file=sys.stderr)
+            return 1
         return 0
     p.set_defaults(func=run)
 
@@ -281,10 +298,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole loop on the embedded default: synth, train both, predict, score")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="everything is written under this folder")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (about 2 minutes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --out that used other settings (same settings resume)")
 
     def run(a: argparse.Namespace) -> int:
         from .demo import run_demo
-        run_demo(a.out, quick=a.quick)
+        from .io_utils import OutputDirError
+        try:
+            run_demo(a.out, quick=a.quick, overwrite=a.overwrite)
+        except OutputDirError as e:
+            print(f"reasonknee3d demo: {e}", file=sys.stderr)
+            return 2
         return 0
     p.set_defaults(func=run)
 

@@ -9,6 +9,7 @@ together; ``TrainConfig`` (how to train, the same for every family) lives here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -28,6 +29,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "alignment": {"encoder": "full", "projector": "full", "language_model": "frozen", "new_token_rows": False},
     "instruction": {"encoder": "frozen", "projector": "full", "language_model": "lora", "new_token_rows": True},
 }
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -162,8 +168,6 @@ class TrainConfig:
             if self.lora.r < 1 or not self.lora.targets:
                 raise ConfigError(f"train.lora: language_model is lora but r={self.lora.r}, "
                                   f"targets={self.lora.targets} (need r >= 1 and at least one target)")
-        if not self.coord_label_sigma >= 0:
-            raise ConfigError(f"train.coord_label_sigma: expected a width >= 0 in bins, got {self.coord_label_sigma!r}")
         if self.merge and self.language_model != "lora":
             raise ConfigError("train.merge: true needs train.language_model: lora (there is no adapter to merge)")
         if self.max_steps == 0 or self.max_steps < -1 or (self.max_steps == -1 and self.num_epochs <= 0):
@@ -173,17 +177,13 @@ class TrainConfig:
                     "save_total_limit"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"train.warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate: expected > 0, got {self.learning_rate}")
+        self._validate_numbers()
         if self.bf16 not in ("auto", True, False):
             raise ConfigError(f"train.bf16: expected auto, true or false, got {self.bf16!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"train.attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, "
                               f"got {self.attn_implementation!r}")
-        if not (isinstance(self.grade_balance, (int, float)) and not isinstance(self.grade_balance, bool)
-                and self.grade_balance >= 0):
+        if not (_is_real(self.grade_balance) and self.grade_balance >= 0):
             raise ConfigError(f"train.grade_balance: expected a power >= 0 (0 = natural mix, 1 = balanced), "
                               f"got {self.grade_balance!r}")
         if self.grade_balance > 0 and self.group_by_length:
@@ -191,6 +191,21 @@ class TrainConfig:
                               "set one of them")
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"train.dataloader_num_workers: expected >= 0, got {self.dataloader_num_workers}")
+
+    def _validate_numbers(self) -> None:
+        """Optimisation numbers must be finite and in range: an infinite or NaN learning rate trains to NaN
+        weights without any error from torch, and a negative clipping norm or weight decay is silently misread."""
+        checks = (("learning_rate", self.learning_rate, lambda v: v > 0, "> 0"),
+                  ("warmup_ratio", self.warmup_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
+                  ("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0"),
+                  ("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+                  ("num_epochs", self.num_epochs, lambda v: v > 0, "> 0"),
+                  ("coord_label_sigma", self.coord_label_sigma, lambda v: v >= 0, ">= 0 (a width in bins)"),
+                  ("lora.dropout", self.lora.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+                  ("lora.alpha", self.lora.alpha, lambda v: v > 0, "> 0"))
+        for key, value, in_range, expected in checks:
+            if not (_is_real(value) and in_range(value)):
+                raise ConfigError(f"train.{key}: expected a finite number {expected}, got {value!r}")
 
     def modes(self) -> dict[str, str]:
         """Mode per module role, e.g. ``{"encoder": "frozen", "projector": "full", "language_model": "lora"}``."""

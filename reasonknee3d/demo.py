@@ -4,10 +4,17 @@ synthetic release -> train a tiny 3D-native model and a tiny slice baseline (the
 LM under both) -> predict on the test split -> score both on ReasonKnee-Bench -> a side-by-side table
 (3D-native, slice baseline, majority baseline), a comparison report with plots and a few ``infer`` pictures.
 Every step writes under one output folder and is skipped on a rerun when its result is already there.
+
+The folder is marked with ``io_utils.OUTPUT_MARKER`` naming the demo's settings. A rerun with the same
+settings resumes; a folder the demo did not write is refused; one written with other settings (``--quick``
+vs full) is refused unless ``overwrite``, which then deletes the demo's own entries (``DEMO_ENTRIES``) and
+starts over. Refusing rather than retraining in place keeps the earlier run's models until the user asks
+to replace them, and reusing them would report one run's models under the other's settings.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +49,38 @@ class DemoSettings:
     """Score only the first N test samples (None: all)."""
     pictures: int = 2
     """``infer`` pictures written for the 3D-native model."""
+
+
+DEMO_ENTRIES = ("release", "runs", "reports", "pictures", "references_train.jsonl", "references_test.jsonl",
+                *(f"predictions_{f}{sfx}.jsonl" for f in DEMO_MODELS for sfx in ("", ".skipped")),
+                "comparison.json", "comparison.md", "comparison.png")
+"""What the demo writes under its folder (and all that ``overwrite`` deletes, with the marker)."""
+
+
+def prepare_demo_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> str:
+    """Check and mark the demo folder; returns ``new``, ``resume`` (same settings) or ``overwrite``.
+
+    Raises ``io_utils.OutputDirError`` for a folder the demo did not write, or one written with other
+    settings without ``overwrite``.
+    """
+    from .io_utils import OUTPUT_MARKER, check_output_dir, output_marker, read_output_marker, write_output_marker
+
+    earlier = read_output_marker(out) if out.is_dir() else None
+    same = (earlier is not None and earlier["command"] == "demo"
+            and earlier.get("settings") == output_marker("demo", settings)["settings"])
+    if same and not overwrite:
+        return "resume"
+    earlier = check_output_dir(out, "demo", overwrite, settings, replaces_folder=False)
+    if earlier is not None:
+        for name in (*DEMO_ENTRIES, OUTPUT_MARKER):
+            entry = out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out, "demo", settings)
+    return "new" if earlier is None else "overwrite"
 
 
 QUICK = DemoSettings(volumes=6, max_steps=10, batch_size=4, max_new_tokens=160, test_limit=16, pictures=1)
@@ -133,8 +172,13 @@ def _print_table(table: dict[str, dict[str, Any]]) -> None:
     Console(width=160).print(t)
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Optional[DemoSettings] = None) -> dict:
-    """Run the demo into ``out``; returns the comparison table (also in ``out/comparison.json``)."""
+def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Optional[DemoSettings] = None,
+             overwrite: bool = False) -> dict:
+    """Run the demo into ``out``; returns the comparison table (also in ``out/comparison.json``).
+
+    ``out`` must be new or empty, or an earlier demo folder: with the same settings the run resumes, with
+    other settings ``overwrite`` is needed (see the module docstring).
+    """
     from .data.release import export_references
     from .data.synth import write_synthetic_release
     from .evaluation.infer import infer
@@ -146,10 +190,13 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Option
     t_start = time.perf_counter()
     release = out / "release"
     step = lambda msg: print(f"[demo {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)  # noqa: E731
+    state = prepare_demo_dir(out, {"quick": settings is None and quick, **asdict(s)}, overwrite)
+    if state != "new":
+        step(f"{'resuming the earlier demo' if state == 'resume' else 'replacing the earlier demo'} in {out}")
 
-    if not (release / "data" / "generate_data" / "test.json").is_file():
+    if not release.is_dir():  # written whole or not at all (write_synthetic_release)
         step(f"writing a synthetic release of {s.volumes} volumes {s.shape} to {release}")
-        print(write_synthetic_release(release, n_volumes=s.volumes, shape=s.shape, seed=s.seed, overwrite=True))
+        print(write_synthetic_release(release, n_volumes=s.volumes, shape=s.shape, seed=s.seed))
     refs = {}
     for split in ("train", "test"):
         refs[split] = out / f"references_{split}.jsonl"
@@ -167,8 +214,11 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Option
         models[row], seconds = _train(row, release, out / "runs" / row, s)
         step(f"predicting the test split with the {row} model")
         preds = out / f"predictions_{row}.jsonl"
-        predict(models[row], release, "test", preds, batch_size=16, limit=s.test_limit,
-                max_new_tokens=s.max_new_tokens)
+        pred = predict(models[row], release, "test", preds, batch_size=16, limit=s.test_limit,
+                       max_new_tokens=s.max_new_tokens)
+        if pred.skipped:
+            raise RuntimeError(f"predict skipped {len(pred.skipped)} test samples of the {row} model: see "
+                               f"{pred.skipped_path}")
         reports[row] = score_files(preds, refs["test"], out / "reports" / row, majority_source=refs["train"])
         extra[row] = {"train_seconds": round(seconds, 1), "visual_tokens": _visual_tokens(row, s.shape)}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from ..answer import check_severity, format_answer
-from ..io_utils import atomic_open, atomic_path, write_json
+from ..io_utils import OUTPUT_MARKER, atomic_dir, atomic_open, atomic_path, check_output_dir, write_json, write_output_marker
 from ..moaks import NO_TEAR
 from ..prompts import (RELEASE_QUESTION_FILES, grade_description, question_prompt, reasoning_steps,
                        reasoning_template, release_question_text)
@@ -269,7 +269,10 @@ def write_synthetic_release(out: Path, n_volumes: int, shape: tuple[int, int, in
     """Write a synthetic release of ``n_volumes`` phantoms of ``shape`` (S, H, W) under ``out``.
 
     ``questions`` restricts the question ids that get items (all 69 by default; the phantoms are the same
-    either way). ``out`` must be empty or new unless ``overwrite`` (files are then replaced one by one).
+    either way). ``out`` must be new or empty, or hold an earlier synthetic release (its
+    ``io_utils.OUTPUT_MARKER``) and ``overwrite`` be set; anything else raises ``io_utils.OutputDirError``.
+    The release is written into a temporary sibling folder and renamed into place when complete, so a failed
+    run (full disk, error, interrupt) leaves ``out`` as it was and nothing that blocks the rerun.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -283,10 +286,21 @@ def write_synthetic_release(out: Path, n_volumes: int, shape: tuple[int, int, in
     if unknown or not qids:
         raise ValueError(f"questions {list(questions or [])}: unknown ids {unknown}; expected ids in "
                          f"{min(schema)}..{max(schema)}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; choose a new folder for the synthetic release "
-                              f"(or pass overwrite=True to replace its files)")
+    settings = {"volumes": n_volumes, "shape": list(shape), "seed": seed,
+                "questions": "all" if questions is None else qids}
+    check_output_dir(out, "synth", overwrite, settings)
+    with atomic_dir(out) as tmp:
+        summary = _write_release(tmp, n_volumes, shape, seed, qids, schema)  # type: ignore[arg-type]
+        write_output_marker(tmp, "synth", settings)
+        marker_bytes = (tmp / OUTPUT_MARKER).stat().st_size
+    return replace(summary, out=out, files=summary.files + 1, bytes_on_disk=summary.bytes_on_disk + marker_bytes,
+                   seconds=time.perf_counter() - t0)
 
+
+def _write_release(out: Path, n_volumes: int, shape: tuple[int, int, int], seed: int, qids: Sequence[int],
+                   schema: dict[int, QuestionSpec]) -> SynthSummary:
+    """Write the release files under ``out`` (``write_synthetic_release`` passes its temporary folder)."""
+    t0 = time.perf_counter()
     rng = np.random.default_rng([seed, 0])
     plans = plan_volumes(n_volumes, rng)
     severities = sample_severities(n_volumes, rng)

@@ -4,22 +4,28 @@ Works for either family (detected from the folder's config.json). Samples are ge
 batches of similar prompt length with the KV cache; with ``constrained`` the model's box and severity
 logits processors make every answer parseable. Each finished sample is appended (``predictions_io``),
 so a killed run restarted with the same command skips what is done.
+
+One bad sample does not end the run: a sample whose volume failed preprocessing (left out by the family's
+data step), or whose item fails to load or collate, is skipped and listed in ``<out stem>.skipped.jsonl``
+(``data.release.Skipped``: sample id and reason) while the others are predicted; a rerun tries it again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..attention import select_attn_implementation
 from ..boxes import mirror_text_boxes
+from ..data.release import Skipped, write_skipped
 from .generate import generate_answers
 from .predictions_io import PredictionWriter
 
@@ -37,6 +43,106 @@ class PredictResult:
     """Already in ``out`` from an earlier run."""
     n_written: int
     seconds: float
+    skipped: list[Skipped] = field(default_factory=list)
+    """Samples not predicted in this run (item = sample id), with the reason."""
+    skipped_path: Optional[Path] = None
+    """``<out stem>.skipped.jsonl`` listing ``skipped`` (None when nothing was skipped)."""
+
+
+def skipped_path_for(out: str | os.PathLike) -> Path:
+    """Where ``predict`` lists the samples it skipped: ``P.jsonl`` -> ``P.skipped.jsonl``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".skipped.jsonl")
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+class _GuardedItems(Dataset):
+    """``(index, item, None)`` or ``(index, None, error text)``: an item that fails to load is reported, not raised."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any, Optional[str]]:
+        try:
+            return index, self.dataset[index], None
+        except Exception as err:  # noqa: BLE001 - any load/preprocess failure of one item skips that item
+            return index, None, _error_text(err)
+
+
+class _GuardedCollate:
+    """The family's collate over the items that loaded; when it fails, each item alone finds the bad ones.
+
+    Returns ``(batch or None, infos, [(index, reason), ...])``. A class, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, collate: Callable[[list[Any]], tuple[Any, list[Any]]]) -> None:
+        self.collate = collate
+
+    def __call__(self, rows: Sequence[tuple[int, Any, Optional[str]]]) -> tuple[Any, list[Any], list[tuple[int, str]]]:
+        failed = [(i, err) for i, _, err in rows if err is not None]
+        good = [(i, item) for i, item, err in rows if err is None]
+        try:
+            batch, infos = self.collate([item for _, item in good]) if good else (None, [])
+            return batch, infos, failed
+        except Exception:  # noqa: BLE001 - find which items fail on their own
+            pass
+        kept = []
+        for i, item in good:
+            try:
+                self.collate([item])
+                kept.append(item)
+            except Exception as err:  # noqa: BLE001
+                failed.append((i, _error_text(err)))
+        batch, infos = self.collate(kept) if kept else (None, [])
+        return batch, infos, failed
+
+
+def _preprocess_reasons(data_dir: str | os.PathLike) -> dict[str, str]:
+    """volume id -> reason, from the ``preprocess_skipped.jsonl`` lists of the release's caches."""
+    from ..data.cache import SKIPPED_FILE
+    reasons: dict[str, str] = {}
+    for path in sorted((Path(data_dir) / "cache").rglob(SKIPPED_FILE)):
+        try:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                reasons[str(row["item"]).split(" ", 1)[-1]] = f"{row['reason']} (listed in {path})"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return reasons
+
+
+def _left_out(data_dir: str | os.PathLike, split: str, kept: Sequence[Any],
+              limit: Optional[int]) -> tuple[list[str], list[Skipped]]:
+    """The split's first ``limit`` sample ids, and those of them the family's data step left out (their
+    volume failed to load or preprocess) as ``Skipped``."""
+    from ..data.release import iter_samples
+    wanted = list(iter_samples(data_dir, split))
+    wanted = wanted[:limit] if limit is not None else wanted
+    have = {s.sample_id for s in kept}
+    missing = [s for s in wanted if s.sample_id not in have]
+    reasons = _preprocess_reasons(data_dir) if missing else {}
+    return ([s.sample_id for s in wanted],
+            [Skipped(s.sample_id, "volume failed to load or preprocess: "
+                     + reasons.get(s.volume_id, f"no preprocessed entry for {s.image_path}")) for s in missing])
+
+
+def skipped_summary(skipped: Sequence[Skipped], examples: int = 3) -> list[str]:
+    """Console lines: one per reason kind (the text before the first ':'), with its count, the first sample
+    ids and the first full reason."""
+    groups: dict[str, list[Skipped]] = {}
+    for sk in skipped:
+        groups.setdefault(sk.reason.split(":", 1)[0], []).append(sk)
+    lines = []
+    for kind, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        ids = ", ".join(sk.item for sk in items[:examples]) + (", ..." if len(items) > examples else "")
+        lines.append(f"  {len(items)} x {kind} (e.g. {ids}): {' '.join(items[0].reason.split())}")
+    return lines
 
 
 @torch.no_grad()
@@ -59,16 +165,27 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     dataset, collate = family.predict_data(model, processor, data_dir, split)
-    samples = dataset.samples[:limit] if limit is not None else dataset.samples
+    wanted_ids, skipped = _left_out(data_dir, split, dataset.samples, limit)
+    wanted = set(wanted_ids)
+    samples = dataset.samples
 
     with PredictionWriter(out) as writer:
-        todo = [i for i, s in enumerate(samples) if s.sample_id not in writer.done]
+        todo = [i for i, s in enumerate(samples) if s.sample_id in wanted and s.sample_id not in writer.done]
+        already = sum(1 for s in samples if s.sample_id in wanted and s.sample_id in writer.done)
+        skipped = [sk for sk in skipped if sk.item not in writer.done]  # predicted by an earlier run
         # Similar prompt lengths in one batch: left padding then wastes little.
         todo.sort(key=lambda i: len(samples[i].prompt))
-        loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+        loader = DataLoader(Subset(_GuardedItems(dataset), todo), batch_size=batch_size,
+                            collate_fn=_GuardedCollate(collate), num_workers=num_workers)
         written = 0
         bar = tqdm(total=len(todo), desc=f"predict {split}", unit="sample", dynamic_ncols=True)
-        for batch, infos in loader:
+        for batch, infos, failed in loader:
+            for index, reason in failed:
+                skipped.append(Skipped(samples[index].sample_id, reason))
+                logger.warning("predict: skipped %s: %s", samples[index].sample_id, reason)
+            bar.update(len(failed))
+            if batch is None:
+                continue
             texts = generate_answers(model, processor, family, batch, [info.question_id for info in infos],
                                      [info.orig_shape for info in infos], [info.has_box for info in infos],
                                      constrained=constrained, max_new_tokens=max_new_tokens)
@@ -79,7 +196,8 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
                                          "output": text})
             bar.update(len(infos))
         bar.close()
-    result = PredictResult(out=Path(out), n_split=len(samples), n_skipped=len(samples) - len(todo),
-                           n_written=written, seconds=time.perf_counter() - start)
+    result = PredictResult(out=Path(out), n_split=len(wanted_ids), n_skipped=already,
+                           n_written=written, seconds=time.perf_counter() - start, skipped=skipped,
+                           skipped_path=write_skipped(skipped_path_for(out), skipped))
     logger.info("predict: %s", result)
     return result

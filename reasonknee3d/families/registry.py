@@ -60,11 +60,16 @@ class Family(abc.ABC):
     def build(self, exp: "ExperimentConfig", attn_implementation: str) -> tuple[nn.Module, Any]:
         """A fresh (model, processor) from the experiment's ``model:`` and ``data:`` sections."""
 
-    def init(self, exp: "ExperimentConfig", out_dir: str | Path) -> Path:
+    def init(self, exp: "ExperimentConfig", out_dir: str | Path, overwrite: bool = False) -> Path:
         """``reasonknee3d init``: write an untrained model + processor folder (no adapter: the trainer adds
-        LoRA), atomically."""
+        LoRA), atomically. ``out_dir`` must be new or empty, or hold an earlier ``init`` output
+        (``io_utils.OUTPUT_MARKER``) and ``overwrite`` be set; anything else raises ``io_utils.OutputDirError``
+        before any work."""
+        from ..io_utils import check_output_dir, output_marker
         from ..models import save_model_dir
-        return save_model_dir(*self.build(exp, "auto"), out_dir)
+        settings = {"family": exp.family, "data": exp.to_dict()["data"], "model": exp.to_dict()["model"]}
+        check_output_dir(out_dir, "init", overwrite, settings)
+        return save_model_dir(*self.build(exp, "auto"), out_dir, marker=output_marker("init", settings))
 
     @abc.abstractmethod
     def load(self, model_dir: str | Path, attn_implementation: str) -> tuple[nn.Module, Any]:

@@ -9,17 +9,23 @@ The package root calls it once transformers is imported.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 _registered = False
 
 
-def save_model_dir(model: Any, processor: Any, out_dir: str | Path) -> Path:
-    """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed)."""
-    from ..io_utils import atomic_dir
+def save_model_dir(model: Any, processor: Any, out_dir: str | Path, marker: Optional[dict[str, Any]] = None) -> Path:
+    """``save_pretrained`` model and processor into ``out_dir`` atomically (a sibling temp dir, renamed).
+
+    ``marker`` (``io_utils.output_marker``) is written as the folder's ``io_utils.OUTPUT_MARKER``.
+    """
+    from ..io_utils import OUTPUT_MARKER, atomic_dir, normalize_permissions, write_json
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if marker is not None:
+            write_json(tmp / OUTPUT_MARKER, marker)
+        normalize_permissions(tmp)  # transformers writes model.safetensors as 0600
     return Path(out_dir)
 
 

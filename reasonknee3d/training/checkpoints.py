@@ -5,20 +5,31 @@ peft adapter (LoRA weights, ``modules_to_save`` copies of the fully trained modu
 the untouched base weights are written once per run to ``<output_dir>/base_model`` and hard-linked into
 every checkpoint. transformers loads such a folder (config + base weights + embedded adapter) with a
 plain ``from_pretrained``, and ``merge_checkpoint`` folds the adapter in for a standalone model.
+
+Trainer writes ``checkpoint-N`` in place, so a killed or out-of-space run can leave a folder with only some
+of its files. ``resolve_resume`` therefore resumes from the newest *complete* checkpoint
+(``checkpoint_problems``) and moves the incomplete newer ones aside into ``incomplete_checkpoints/``.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from transformers.trainer_utils import get_last_checkpoint
-
 from ..io_utils import atomic_dir
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 BASE_MODEL_DIR = "base_model"
+INCOMPLETE_DIR = "incomplete_checkpoints"
+"""Sub-folder of a run where ``resolve_resume`` moves incomplete checkpoints (outside Trainer's rotation)."""
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]+)$")
 
 
 def has_adapter(folder: str | os.PathLike) -> bool:
@@ -42,19 +53,108 @@ def link_base_files(base_dir: str | os.PathLike, folder: str | os.PathLike) -> N
             shutil.copy2(src, dst)
 
 
+def _weights_problem(folder: Path) -> Optional[str]:
+    """Why ``folder`` holds no complete set of model weights (None when it does)."""
+    if has_adapter(folder):
+        return None
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return f"{index_name} is unreadable"
+            missing = sorted(s for s in shards if not (folder / s).is_file())
+            return f"weight shards missing: {', '.join(missing)}" if missing else None
+    if any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
+        return None
+    if any(p.is_dir() for p in folder.glob("pytorch_model_fsdp_*")):  # FSDP sharded state dict
+        return None
+    return "no model weights (model.safetensors, a sharded index, or adapter_model.safetensors + adapter_config.json)"
+
+
+def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
+    """What keeps ``folder`` from being a complete Trainer checkpoint; empty when it is complete.
+
+    Complete means what transformers' ``Trainer._save_checkpoint`` writes, in its order: the weights
+    (``save_model``), the optimizer state (``optimizer.pt``; FSDP ``optimizer.bin`` / ``optimizer_*/``,
+    DeepSpeed ``global_step*/``), ``scheduler.pt``, the RNG state, and last ``trainer_state.json``. Since the
+    state file comes last, a readable one means every earlier file was written whole; the other checks catch
+    folders where files were removed or never written. (A separate completion marker would add nothing: the
+    Trainer's own last file already plays that role.)
+    """
+    folder = Path(folder)
+    problems = []
+    try:
+        json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"no {TRAINER_STATE}")
+    except (OSError, ValueError):
+        problems.append(f"{TRAINER_STATE} is unreadable or cut short")
+    weights = _weights_problem(folder)
+    if weights:
+        problems.append(weights)
+    deepspeed = any(p.is_dir() for p in folder.glob("global_step*"))
+    optimizer = (deepspeed or any((folder / n).is_file() for n in ("optimizer.pt", "optimizer.bin"))
+                 or any(p.is_dir() for p in folder.glob("optimizer_*")))
+    if not optimizer:
+        problems.append("no optimizer state (optimizer.pt)")
+    if not deepspeed and not (folder / "scheduler.pt").is_file():
+        problems.append("no scheduler.pt")
+    return problems
+
+
+def _move_aside(folder: Path) -> Path:
+    """Move an incomplete checkpoint into ``<run>/incomplete_checkpoints/`` (a free name); returns where."""
+    dest_dir = folder.parent / INCOMPLETE_DIR
+    dest_dir.mkdir(exist_ok=True)
+    dest, n = dest_dir / folder.name, 1
+    while dest.exists():
+        dest, n = dest_dir / f"{folder.name}.{n}", n + 1
+    os.replace(folder, dest)
+    return dest
+
+
 def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Optional[str]:
     """``train.resume`` -> the checkpoint to resume from (None to start fresh).
 
-    ``auto`` picks the newest ``checkpoint-N`` in ``output_dir`` if any; ``never`` starts fresh; anything
-    else is a checkpoint folder that must exist.
+    ``auto`` picks the newest complete ``checkpoint-N`` in ``output_dir`` if any. Newer incomplete ones
+    (see ``checkpoint_problems``) are logged with what they lack and moved into
+    ``<output_dir>/incomplete_checkpoints/`` by the main process (rank 0): left in place they would count in
+    Trainer's checkpoint rotation and be written over when training reaches their step again. They are
+    kept, not deleted, for inspection. ``never`` starts fresh; anything else is a checkpoint folder that must
+    exist and be complete.
     """
     if resume == "never":
         return None
-    if resume == "auto":
-        return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-    if not Path(resume).is_dir():
-        raise FileNotFoundError(f"train.resume: checkpoint folder {resume} does not exist (or use auto / never)")
-    return resume
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"train.resume: checkpoint folder {resume} does not exist (or use auto / never)")
+        problems = checkpoint_problems(resume)
+        if problems:
+            raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint ({'; '.join(problems)}); "
+                                    f"choose another checkpoint, or use auto / never")
+        return resume
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in out.iterdir()
+                    if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()), reverse=True)
+    main_process = os.environ.get("RANK", "0") == "0"
+    for _, folder in found:
+        problems = checkpoint_problems(folder)
+        if not problems:
+            logger.info("train.resume auto: resuming from %s", folder)
+            return str(folder)
+        where = "left in place"
+        if main_process:
+            try:
+                where = f"moved to {_move_aside(folder)}"
+            except OSError as err:
+                where = f"left in place (moving it failed: {err})"
+        logger.warning("train.resume auto: ignoring incomplete checkpoint %s (%s); %s", folder,
+                       "; ".join(problems), where)
+    return None
 
 
 def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, model_class: type) -> Path:

@@ -9,11 +9,14 @@ module adds only what the project needs on top:
 - length-grouped batches from lengths the family computes cheaply (no volume is loaded for it), or
   grade-balanced sampling (``sampling``);
 - checkpoints that ``from_pretrained`` loads (see ``checkpoints``), each with the resolved experiment;
+- a stop with ``NonFiniteTrainingError`` at the first optimizer step whose loss or gradient norm is not
+  finite, before the optimizer applies it, and a refusal to save non-finite weights (checkpoint or final);
 - ``run_training``: config -> family parts -> trainable setup -> Trainer -> final / merged model.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -28,6 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..attention import select_attn_implementation
+from ..io_utils import normalize_permissions
 from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
 from ..config import TrainConfig
@@ -39,6 +43,10 @@ from .stages import describe_trainable, setup_trainable, unwrap_base
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.yaml"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss, the gradient norm or the weights became NaN / infinite; training stops without saving them."""
 
 
 def use_bf16(setting: Any) -> bool:
@@ -82,6 +90,8 @@ def build_training_arguments(train: TrainConfig, output_dir: str | Path) -> Trai
         # Frozen modules get no gradient; DDP must not wait for them.
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
+        # Trainer would otherwise log a NaN / inf loss as the running average; ReasonKneeTrainer stops instead.
+        logging_nan_inf_filter=False,
     )
 
 
@@ -98,6 +108,7 @@ class ReasonKneeTrainer(Trainer):
         self.base_model_dir = base_model_dir
         self.meter = ThroughputMeter(world_size=max(1, self.args.world_size))
         self._cut_logits: Optional[bool] = None
+        self._step_losses: list[torch.Tensor] = []
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.train_weights is not None:
@@ -117,6 +128,30 @@ class ReasonKneeTrainer(Trainer):
             inputs = answer_logits_only(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_losses.append(loss.detach().float().reshape(-1))  # checked once per optimizer step
+        return loss
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # Trainer calls this once per optimizer step, after the last micro-batch's backward and before
+        # optimizer.step(): the place to stop before a non-finite update reaches the weights.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        losses = torch.cat(self._step_losses) if self._step_losses else torch.zeros(1, device=self.args.device)
+        self._step_losses = []
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        # The loss is this process's own: every process must take the same decision, or the others would
+        # wait for it forever in the next collective. The gradient norm is already the same everywhere.
+        if _any_process(not bool(torch.isfinite(losses).all()), self.args) or not math.isfinite(norm):
+            shown = [round(v, 4) for v in losses.cpu().tolist()[:8]]
+            raise NonFiniteTrainingError(
+                f"training stopped at step {self.state.global_step + 1}: loss {shown} / gradient norm {norm} is "
+                f"not finite; the step was not applied and nothing of it was saved. Lower train.learning_rate "
+                f"(now {self.args.learning_rate}) or look for NaN / inf in the inputs; the last checkpoint in "
+                f"{self.args.output_dir} (if any) is from before this step")
+        return grad_norm
+
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         start = time.perf_counter()
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -134,6 +169,13 @@ class ReasonKneeTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        # Checkpoints and the final model both come through here (on every process).
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if _any_process(bool(bad), self.args):
+            names = ", ".join(bad[:3]) if bad else "on another process"
+            raise NonFiniteTrainingError(
+                f"step {self.state.global_step}: trainable weights are not finite ({names}); not saving them to "
+                f"{output_dir or self.args.output_dir}. Lower train.learning_rate (now {self.args.learning_rate})")
         super().save_model(output_dir, _internal_call)
         if not self.args.should_save:
             return
@@ -141,6 +183,7 @@ class ReasonKneeTrainer(Trainer):
         save_experiment_config(self.experiment, out / EXPERIMENT_FILE)
         if isinstance(self.model, PeftModel) and self.base_model_dir is not None:
             link_base_files(self.base_model_dir, out)
+        normalize_permissions(out)  # weight shards arrive as private 0600 temporary files
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = model if model is not None else self.model
@@ -151,6 +194,15 @@ class ReasonKneeTrainer(Trainer):
             model.load_adapter(resume_from_checkpoint, model.active_adapter, is_trainable=True)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _any_process(flag: bool, args: TrainingArguments) -> bool:
+    """``flag`` or-ed over all processes (one scalar all-reduce when distributed)."""
+    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([float(flag)], device=args.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
 
 
 def _batch_size(batch: Any) -> int:
@@ -239,6 +291,8 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     final_dir = out / "final"
     # Every rank calls save_model (sharded models gather there); the main one swaps the folder in whole.
     staging = out / ".final.tmp"
+    if args.should_save and staging.exists():
+        shutil.rmtree(staging)  # left by a run killed while saving; its files must not mix into this one
     trainer.save_model(str(staging))
     if args.should_save:
         shutil.rmtree(final_dir, ignore_errors=True)

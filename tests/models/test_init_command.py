@@ -51,6 +51,6 @@ def test_init_rejects_unknown_families_and_bad_model_sections(tmp_path, capsys):
 def test_init_goes_through_the_family_registry(tmp_path, monkeypatch, capsys):
     from reasonknee3d.families.slice import SliceFamily
     seen = {}
-    monkeypatch.setattr(SliceFamily, "init", lambda self, exp, out: seen.update(exp=exp, out=out) or Path(out))
+    monkeypatch.setattr(SliceFamily, "init", lambda self, exp, out, overwrite=False: seen.update(exp=exp, out=out) or Path(out))
     assert main(["init", "--config", "tiny_slice", "--out", str(tmp_path / "s"), "model.num_frames=8"]) == 0
     assert seen["exp"].family == "slice" and seen["exp"].model.num_frames == 8 and seen["out"] == tmp_path / "s"
