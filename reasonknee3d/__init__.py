@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from typing import Any
 
-__version__ = "0.1.0"
+from .constants import VERSION as __version__
 
 _LAZY_ATTRS = {
     "ReasonKnee3DConfig": "reasonknee3d.models.reasonknee3d.configuration_reasonknee3d",

@@ -88,23 +88,45 @@ def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_location_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    """``--images`` (and ``--cache-dir``): where a release's volumes and caches are, for every command that
+    reads a release."""
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder searched by file name for volumes and masks whose written paths do not exist "
+                        "(paths from another machine); indexed once")
+    if cache:
+        p.add_argument("--cache-dir", type=Path, default=None,
+                       help="root of the caches (volumes/, slice_features/); default <data>/cache. Use it for a "
+                            "read-only release")
+
+
+def _location_overrides(a: argparse.Namespace) -> list[str]:
+    """``data.images`` / ``data.cache_dir`` overrides from ``--images`` / ``--cache-dir`` (JSON-quoted paths)."""
+    import json
+    out = []
+    for flag, key in (("images", "data.images"), ("cache_dir", "data.cache_dir")):
+        value = getattr(a, flag, None)
+        if value is not None:
+            out.append(f"{key}={json.dumps(str(value))}")
+    return out
+
+
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="fill the model family's cache (volumes for 3d, vision features for slice)")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--config", required=True, help="experiment YAML or preset name (e.g. tiny_3d)")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"))
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="default: <data>/cache/volumes (3d) or <data>/cache/slice_features (slice)")
+    _add_location_options(p)
 
     def run(a: argparse.Namespace) -> int:
         from .config import ConfigError
         from .families import get_family, load_experiment_config
         try:
-            exp = load_experiment_config(a.config)
+            exp = load_experiment_config(a.config, _location_overrides(a))
         except ConfigError as e:
             print(f"reasonknee3d preprocess: {e}", file=sys.stderr)
             return 2
-        return _report_batch(get_family(exp.family).preprocess(exp, a.data, a.splits, a.cache_dir))
+        return _report_batch(get_family(exp.family).preprocess(exp, a.data, a.splits))
     p.set_defaults(func=run)
 
 
@@ -170,6 +192,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-url", default=None, help="openai: endpoint root, e.g. https://api.openai.com/v1 "
                                                      "(key from OPENAI_API_KEY)")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
+    _add_location_options(p, cache=False)
     p.add_argument("--frames", type=int, default=None, help="slices sent (default: all for hf, 32 for openai)")
     p.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="pixels per slice, multiples of 28 (default: 224 224 for hf, 392 392 for openai)")
@@ -190,7 +213,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
                                limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
                                timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
                                max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key,
-                               preset=a.preset)
+                               preset=a.preset, images=a.images)
         except (ValueError, OSError, ZeroShotError) as e:
             print(f"reasonknee3d zeroshot: {e}", file=sys.stderr)
             return 2
@@ -209,6 +232,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default=None, help="run folder (train.output_dir; default runs/<config stem>)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (train.max_steps)")
     p.add_argument("--save-steps", type=int, default=None, help="steps between checkpoints (train.save_steps)")
+    _add_location_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.learning_rate=1e-4 model.num_bins=64")
 
@@ -222,7 +246,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
                  "train.save_steps": a.save_steps}
         # JSON-quoted: a path stays a string even when YAML would read it as a number or a mapping.
-        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(a.overrides)
+        overrides = ([f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + _location_overrides(a)
+                     + list(a.overrides))
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             result = run_training(load_experiment_config(a.config, overrides))
@@ -248,6 +273,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="samples per generate call")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
     p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per sample")
+    _add_location_options(p)
     p.add_argument("--unconstrained", action="store_true",
                    help="plain greedy decoding (no box / severity logits processors)")
 
@@ -255,7 +281,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         from .evaluation.predict import predict
         try:
             res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
-                          constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens)
+                          constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
+                          cache_dir=a.cache_dir)
         except (ValueError, OSError) as e:
             print(f"reasonknee3d predict: {e}", file=sys.stderr)
             return 2

@@ -1,6 +1,9 @@
 """Names and numbers shared by every part of the package (one place each)."""
 from __future__ import annotations
 
+VERSION = "0.1.0"
+"""The package version (``reasonknee3d.__version__``), here so that low layers can name it."""
+
 # Loss masking value understood by torch.nn.CrossEntropyLoss and transformers.
 IGNORE_INDEX = -100
 

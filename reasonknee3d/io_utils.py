@@ -130,7 +130,7 @@ def read_output_marker(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
 
 def output_marker(command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Marker content: the command and its settings, as JSON values (tuples become lists)."""
-    from . import __version__
+    from .constants import VERSION as __version__
     return {"command": command, "settings": json.loads(json.dumps(dict(settings), default=str)),
             "reasonknee3d_version": __version__}
 

@@ -34,7 +34,7 @@ from scipy.stats import rankdata
 
 from reasonknee3d.data.release import ReleaseLoader
 from reasonknee3d.evaluation.metrics import balanced_acc
-from reasonknee3d.evaluation.parsing import parse_output
+from reasonknee3d.parsing import parse_output
 from reasonknee3d.prompts import grade_description
 from reasonknee3d.schema import get_question
 from reasonknee3d.families import family_of_model_dir

@@ -98,7 +98,7 @@ def test_coord_tokens_to_text_keeps_a_reversed_generated_box_for_the_scorer():
     tokens = "Location: <|box_start|>" + "".join(f"<|coord_{k}|>" for k in (5, 2, 0, 63, 10, 10)) + "<|box_end|>"
     text = B.coord_tokens_to_text(tokens, (64, 64, 64), 64)
     assert text == "Location: <|box_start|>[5, 2, 0, 63, 10, 10]<|box_end|>"
-    from reasonknee3d.evaluation.parsing import parse_output
+    from reasonknee3d.parsing import parse_output
     from reasonknee3d.schema import get_question
     parsed = parse_output(text, get_question(1))
     assert list(parsed.box) == [2, 5, 0, 63, 10, 10] and parsed.box_repaired

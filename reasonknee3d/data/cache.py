@@ -18,7 +18,7 @@ import numpy as np
 
 from ..io_utils import atomic_open, write_json
 from .io import VolumeError
-from .release import BatchResult, ReleaseError, ReleaseLoader, Skipped, volume_id_of, write_skipped
+from .release import BatchResult, ReleaseError, ReleaseLoader, Skipped, cache_root, volume_id_of, write_skipped
 from .transforms import PreprocessConfig, preprocess_volume
 
 if TYPE_CHECKING:
@@ -100,13 +100,13 @@ class VolumeCache:
 
 
 def fill_volume_cache(root: str | Path, cache_dir: Path, splits: Iterable[str], has: Callable[[Path], bool],
-                      put: Callable[[Path], Any]) -> BatchResult:
+                      put: Callable[[Path], Any], images: str | Path | None = None) -> BatchResult:
     """Call ``put(image_path)`` for every volume of ``splits`` (each once) for which ``has`` is false.
 
     Shared by the volume cache and the slice baseline's feature cache: bad volumes are skipped and listed
     in ``<cache_dir>/preprocess_skipped.jsonl``; ``n_done`` counts entries written or already present.
     """
-    loader = ReleaseLoader(root)
+    loader = ReleaseLoader(root, images=images)
     seen: set[Path] = set()
     skipped: list[Skipped] = []
     n_done = 0
@@ -129,10 +129,13 @@ def fill_volume_cache(root: str | Path, cache_dir: Path, splits: Iterable[str], 
 
 
 def preprocess_release(root: str | Path, cfg: PreprocessConfig, splits: Iterable[str] = ("train", "val", "test"),
-                       cache_dir: str | Path | None = None) -> BatchResult:
-    """Fill the volume cache for every volume of ``splits`` (see ``fill_volume_cache``)."""
-    cache = VolumeCache(cache_dir if cache_dir is not None else ReleaseLoader(root).root / "cache" / "volumes", cfg)
-    return fill_volume_cache(root, cache.dir, splits, cache.has, cache.put)
+                       cache_dir: str | Path | None = None, images: str | Path | None = None) -> BatchResult:
+    """Fill the volume cache for every volume of ``splits`` (see ``fill_volume_cache``). ``cache_dir``: the
+    volume cache folder itself; unset: ``volumes/`` under ``cfg.cache_dir`` or ``<root>/cache``. ``images``
+    (default ``cfg.images``): where volumes are found by name when the written paths do not exist."""
+    cache = VolumeCache(cache_dir if cache_dir is not None else cache_root(root, cfg.cache_dir) / "volumes", cfg)
+    return fill_volume_cache(root, cache.dir, splits, cache.has, cache.put,
+                             images=images if images is not None else cfg.images)
 
 
 def bench_cache(work_dir: str | Path, shape: tuple[int, int, int] = (160, 384, 384),

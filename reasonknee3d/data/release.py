@@ -555,6 +555,12 @@ class ReleaseLoader:
             raise ReleaseError(str(e), rf.KIND_DIAGNOSIS) from None
 
 
+def cache_root(root: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The folder holding a release's caches (``volumes/``, ``slice_features/``): ``cache_dir`` when given, else
+    ``<root>/cache``."""
+    return Path(cache_dir) if cache_dir is not None else Path(root).resolve() / "cache"
+
+
 def iter_samples(root: str | Path, split: str, skipped: Optional[list[Skipped]] = None,
                  images: str | Path | None = None) -> Iterator[Sample]:
     """Samples of one split of the release at ``root`` (see ``ReleaseLoader.iter_samples``; ``images``: the

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional
 
 from ..boxes import release_box_to_package
 from ..constants import DIAGNOSIS_PREFIX
-from ..evaluation.parsing import json_objects
+from ..parsing import json_objects
 
 # --- form names (what ReleaseLoader.forms counts and check-release prints) -------------------------------
 

@@ -61,6 +61,13 @@ class PreprocessConfig:
     (``..._left.nii.gz``); training boxes are mirrored with the volume and predictions mirrored back, so
     answers and scores stay in the stored volume's voxels. None keeps every volume as stored."""
 
+    images: Optional[str] = None
+    """Where the volumes are when the release's written paths do not exist here (paths from another machine):
+    a folder searched by file name (``ReleaseLoader(images=...)``; ``--images`` on the commands)."""
+    cache_dir: Optional[str] = None
+    """Root of the caches (``volumes/``, ``slice_features/``); unset: ``<release>/cache``. Set it to use a
+    read-only release (``--cache-dir`` on the commands)."""
+
     # Fields that change the preprocessed array (and so the cache key); the rest only affect training.
     ARRAY_FIELDS = ("input_shape", "clip_percentiles", "normalization", "interpolation", "canonical_side")
 

@@ -39,7 +39,7 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     from ..prompts import question_prompt
     from ..schema import get_question
     from .generate import generate_answers
-    from .parsing import parse_output
+    from ..parsing import parse_output
 
     spec = get_question(question_id)
     volume = Path(volume)

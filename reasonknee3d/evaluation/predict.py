@@ -103,11 +103,11 @@ class _GuardedCollate:
         return batch, infos, failed
 
 
-def _preprocess_reasons(data_dir: str | os.PathLike) -> dict[str, str]:
-    """volume id -> reason, from the ``preprocess_skipped.jsonl`` lists of the release's caches."""
+def _preprocess_reasons(cache_dir: Path) -> dict[str, str]:
+    """volume id -> reason, from the ``preprocess_skipped.jsonl`` lists under the cache root."""
     from ..data.cache import SKIPPED_FILE
     reasons: dict[str, str] = {}
-    for path in sorted((Path(data_dir) / "cache").rglob(SKIPPED_FILE)):
+    for path in sorted(cache_dir.rglob(SKIPPED_FILE)):
         try:
             for line in path.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
@@ -117,19 +117,21 @@ def _preprocess_reasons(data_dir: str | os.PathLike) -> dict[str, str]:
     return reasons
 
 
-def _left_out(data_dir: str | os.PathLike, split: str, kept: Sequence[Any],
-              limit: Optional[int]) -> tuple[list[str], list[Skipped]]:
-    """The split's first ``limit`` sample ids, and those of them the family's data step left out (their
-    volume failed to load or preprocess) as ``Skipped``."""
+def _left_out(data_dir: str | os.PathLike, split: str, kept: Sequence[Any], limit: Optional[int],
+              images: Optional[str | os.PathLike], cache_dir: Path) -> tuple[list[str], list[Skipped]]:
+    """The split's first ``limit`` sample ids, and as ``Skipped``: the items the release reader cannot use and
+    the samples the family's data step left out (their volume failed to load or preprocess)."""
     from ..data.release import iter_samples
-    wanted = list(iter_samples(data_dir, split))
+    unusable: list[Skipped] = []
+    wanted = list(iter_samples(data_dir, split, unusable, images=images))
     wanted = wanted[:limit] if limit is not None else wanted
     have = {s.sample_id for s in kept}
     missing = [s for s in wanted if s.sample_id not in have]
-    reasons = _preprocess_reasons(data_dir) if missing else {}
+    reasons = _preprocess_reasons(cache_dir) if missing else {}
     return ([s.sample_id for s in wanted],
-            [Skipped(s.sample_id, "volume failed to load or preprocess: "
-                     + reasons.get(s.volume_id, f"no preprocessed entry for {s.image_path}")) for s in missing])
+            [Skipped(sk.item, f"unusable release item: {sk.reason}", sk.kind) for sk in unusable]
+            + [Skipped(s.sample_id, "volume failed to load or preprocess: "
+                       + reasons.get(s.volume_id, f"no preprocessed entry for {s.image_path}")) for s in missing])
 
 
 def skipped_summary(skipped: Sequence[Skipped], examples: int = 3) -> list[str]:
@@ -148,12 +150,15 @@ def skipped_summary(skipped: Sequence[Skipped], examples: int = 3) -> list[str]:
 @torch.no_grad()
 def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
             batch_size: int = 4, limit: Optional[int] = None, constrained: bool = True, max_new_tokens: int = 512,
-            attn_implementation: str = "auto", num_workers: int = 0) -> PredictResult:
+            attn_implementation: str = "auto", num_workers: int = 0, images: Optional[str | os.PathLike] = None,
+            cache_dir: Optional[str | os.PathLike] = None) -> PredictResult:
     """Generate an answer for each sample of ``split`` (the first ``limit`` ones) and append them to ``out``.
 
     Rows are ``{"sample_id", "question_id", "output"}`` (the scorer's prediction format; ``output`` holds
-    boxes as voxel indices of each original volume).
+    boxes as voxel indices of each original volume). ``images``: where volumes are found by name when the
+    release's written paths do not exist; ``cache_dir``: the cache root (default ``<data_dir>/cache``).
     """
+    from ..data.release import cache_root
     from ..families import family_of_model_dir
 
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 0):
@@ -164,8 +169,8 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
     model, processor = family.load(model_dir, select_attn_implementation(attn_implementation))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    dataset, collate = family.predict_data(model, processor, data_dir, split)
-    wanted_ids, skipped = _left_out(data_dir, split, dataset.samples, limit)
+    dataset, collate = family.predict_data(model, processor, data_dir, split, images, cache_dir)
+    wanted_ids, skipped = _left_out(data_dir, split, dataset.samples, limit, images, cache_root(data_dir, cache_dir))
     wanted = set(wanted_ids)
     samples = dataset.samples
 

@@ -24,7 +24,7 @@ from ..boxes import iou_3d, repair_boxes, validate_box
 from ..constants import BENCH_VERSION
 from ..schema import load_schema
 from .metrics import MISSING, ScoreArrays, confusion_matrix, majority_boxes, majority_grades, summarize
-from .parsing import ParsedOutput, parse_outputs
+from ..parsing import ParsedOutput, parse_outputs
 
 MAX_ISSUES_LISTED = 50
 """Input problems quoted in the report (all of them are counted)."""

@@ -749,13 +749,14 @@ def run_zeroshot(backend: str, model: str, data_dir: str | os.PathLike, split: s
                  frames: Optional[int] = None, frame_size: Optional[Sequence[int]] = None, concurrency: int = 4,
                  timeout: float = 120.0, max_retries: int = 4, batch_size: int = 1, max_new_tokens: int = 1024,
                  env: Mapping[str, str] = os.environ, allow_no_key: bool = False,
-                 preset: str = "package") -> ZeroShotResult:
+                 preset: str = "package", images: Optional[str | os.PathLike] = None) -> ZeroShotResult:
     """Run one zero-shot setting over a split (the first ``limit`` samples), appending to ``out``.
 
     ``openai`` reads its key from ``env["OPENAI_API_KEY"]``. Without one, only a local server (localhost or
     a loopback address) is asked, unless ``allow_no_key`` says the remote endpoint needs none.
     ``preset``: ``package`` (the package's frames and prompts) or ``paper`` (the published inputs; see the
     module docstring), which fixes the frames, so ``frames`` / ``frame_size`` must stay None with it.
+    ``images``: where volumes are found by name when the release's written paths do not exist.
     """
     from ..data.release import iter_samples
 
@@ -776,7 +777,7 @@ def run_zeroshot(backend: str, model: str, data_dir: str | os.PathLike, split: s
             raise ValueError(f"{KEY_ENV} is not set and {base_url} is not a local server; set {KEY_ENV} to the "
                              f"endpoint's API key (or pass --allow-no-key for an endpoint that needs none)")
         logger.info("%s is not set: requests to %s carry no Authorization header", KEY_ENV, base_url)
-    samples = list(iter_samples(data_dir, split))
+    samples = list(iter_samples(data_dir, split, images=images))
     if limit is not None:
         samples = samples[:limit]
     cfg = default_frames_config(backend, frames, frame_size)

@@ -76,10 +76,10 @@ class Family(abc.ABC):
         """(model, processor) from a ``save_pretrained`` folder (an embedded adapter is attached)."""
 
     @abc.abstractmethod
-    def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str],
-                   cache_dir: Optional[str | Path] = None) -> Any:
-        """Fill the family's cache for ``splits`` of the release (``reasonknee3d preprocess``); returns the
-        data layer's ``BatchResult`` (done, skipped with reasons)."""
+    def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str]) -> Any:
+        """Fill the family's cache for ``splits`` of the release (``reasonknee3d preprocess``) under
+        ``exp.data.cache_dir`` (default ``<release>/cache``), volumes found through ``exp.data.images`` when the
+        written paths do not exist; returns the data layer's ``BatchResult`` (done, skipped with reasons)."""
 
     @abc.abstractmethod
     def num_visual_tokens(self, exp: "ExperimentConfig", volume_shape: Sequence[int]) -> int:
@@ -116,12 +116,14 @@ class Family(abc.ABC):
         return [len(s.prompt) + len(s.answer or "") for s in samples]
 
     @abc.abstractmethod
-    def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path,
-                     split: str) -> tuple[Dataset, PredictCollate]:
+    def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path, split: str,
+                     images: Optional[str | Path] = None,
+                     cache_dir: Optional[str | Path] = None) -> tuple[Dataset, PredictCollate]:
         """(dataset of ``split``, collate: items -> (left-padded generation batch, one SampleInfo per row)).
 
         The dataset's ``samples`` (data-layer Samples, in item order) let ``predict`` skip finished ids and
-        order the rest by prompt length without loading any item.
+        order the rest by prompt length without loading any item. Items the release reader cannot use are left
+        out (``predict`` lists them); ``images`` / ``cache_dir`` as in ``data.images`` / ``data.cache_dir``.
         """
 
     @abc.abstractmethod
@@ -176,12 +178,14 @@ class Items(Dataset):
         return self.samples[index]
 
 
-def release_samples(data_dir: Optional[str | Path], split: str) -> list[Any]:
-    """The split's samples of the release at ``data_dir`` (raises if there are none)."""
+def release_samples(data_dir: Optional[str | Path], split: str, images: Optional[str | Path] = None,
+                    skipped: Optional[list[Any]] = None) -> list[Any]:
+    """The split's samples of the release at ``data_dir`` (raises if there are none). With ``skipped`` (a list),
+    unusable items are appended to it instead of raising."""
     from ..data.release import iter_samples
     if data_dir is None:
         raise ConfigError("train.data_dir: no release folder given (use --data DIR or train.data_dir=DIR)")
-    samples = list(iter_samples(data_dir, split))
+    samples = list(iter_samples(data_dir, split, skipped, images=images))
     if not samples:
         raise ValueError(f"{data_dir}: split {split!r} has no samples")
     return samples

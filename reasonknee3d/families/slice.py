@@ -52,10 +52,11 @@ class SliceFamily(Family):
         from ..models.slice.modeling_slice import load_slice_model
         return load_slice_model(model_dir, attn_implementation)
 
-    def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str],
-                   cache_dir: Optional[str | Path] = None) -> Any:
+    def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str]) -> Any:
+        from ..data.release import cache_root
         from ..models.slice.modeling_slice import preprocess_slice_features
-        return preprocess_slice_features(data_dir, exp.model, cache_dir, splits)
+        return preprocess_slice_features(data_dir, exp.model, cache_root(data_dir, exp.data.cache_dir) / "slice_features",
+                                         splits, images=exp.data.images)
 
     def num_visual_tokens(self, exp: "ExperimentConfig", volume_shape: Sequence[int]) -> int:
         from ..models.slice.processing_slice import token_count
@@ -72,17 +73,19 @@ class SliceFamily(Family):
         from ..models.slice.modeling_slice import new_token_ids, slice_config_of
         return new_token_ids(processor, slice_config_of(model))
 
-    def _items(self, model: nn.Module, data_dir: str | Path, split: str) -> tuple[Any, Any, Items]:
-        from ..data.release import ReleaseLoader
+    def _items(self, model: nn.Module, data_dir: str | Path, split: str, images: Optional[str | Path],
+               cache_dir: Optional[str | Path], train: bool) -> tuple[Any, Any, Items]:
+        from ..data.release import cache_root
         from ..models.slice.features import SliceFeatureCache
         from ..models.slice.modeling_slice import preprocess_slice_features, slice_config_of
 
         cfg = slice_config_of(model)
-        cache = SliceFeatureCache.for_model(ReleaseLoader(data_dir).root / "cache" / "slice_features", model, cfg)
-        samples = release_samples(data_dir, split)
+        cache = SliceFeatureCache.for_model(cache_root(data_dir, cache_dir) / "slice_features", model, cfg)
+        # Training stops at an unusable item (the release needs fixing); predict lists it and goes on.
+        samples = release_samples(data_dir, split, images, skipped=None if train else [])
         if not all(cache.has(s.image_path) for s in samples):
             # A fresh model from the same base checkpoint has the same vision weights, hence the same keys.
-            preprocess_slice_features(data_dir, cfg, cache_dir=cache.dir, splits=[split])
+            preprocess_slice_features(data_dir, cfg, cache_dir=cache.dir, splits=[split], images=images)
         kept = [s for s in samples if cache.has(s.image_path)]
         if len(kept) < len(samples):
             logger.warning("%s: %d of %d %s samples have no cached vision features (see %s) and are left out",
@@ -92,14 +95,16 @@ class SliceFamily(Family):
     def train_data(self, exp: "ExperimentConfig", model: nn.Module, processor: Any) -> tuple[Dataset, Collate]:
         from ..models.slice.processing_slice import SliceCollator
 
-        cfg, cache, items = self._items(model, exp.train.data_dir, exp.train.split)
+        cfg, cache, items = self._items(model, exp.train.data_dir, exp.train.split, exp.data.images,
+                                        exp.data.cache_dir, train=True)
         return items, SliceCollator(processor, cfg, cache, train=True)
 
-    def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path,
-                     split: str) -> tuple[Dataset, PredictCollate]:
+    def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path, split: str,
+                     images: Optional[str | Path] = None,
+                     cache_dir: Optional[str | Path] = None) -> tuple[Dataset, PredictCollate]:
         from ..models.slice.processing_slice import SliceCollator
 
-        cfg, cache, items = self._items(model, data_dir, split)
+        cfg, cache, items = self._items(model, data_dir, split, images, cache_dir, train=False)
         return items, slice_predict_collate(SliceCollator(processor, cfg, cache, train=False))
 
     def decode(self, model: nn.Module, processor: Any, generated: torch.Tensor,

@@ -51,10 +51,9 @@ class ReasonKnee3DFamily(Family):
         model = self.model_class.from_pretrained(model_dir, attn_implementation=attn_implementation)
         return model, ReasonKnee3DProcessor.from_pretrained(model_dir)
 
-    def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str],
-                   cache_dir: Optional[str | Path] = None) -> Any:
+    def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str]) -> Any:
         from ..data.cache import preprocess_release
-        return preprocess_release(data_dir, exp.data, splits, cache_dir)
+        return preprocess_release(data_dir, exp.data, splits)
 
     def num_visual_tokens(self, exp: "ExperimentConfig", volume_shape: Sequence[int]) -> int:
         # Every volume is resized to data.input_shape first, so the count does not depend on volume_shape.
@@ -76,10 +75,11 @@ class ReasonKnee3DFamily(Family):
     def _dataset(self, data_dir: str | Path, split: str, prep: Any, train: bool) -> Dataset:
         from ..data.cache import VolumeCache, preprocess_release
         from ..data.dataset import VolumeQADataset
-        from ..data.release import ReleaseLoader
+        from ..data.release import cache_root
 
-        samples = release_samples(data_dir, split)
-        cache = VolumeCache(ReleaseLoader(data_dir).root / "cache" / "volumes", prep)
+        # Training stops at an unusable item (the release needs fixing); predict lists it and goes on.
+        samples = release_samples(data_dir, split, prep.images, skipped=None if train else [])
+        cache = VolumeCache(cache_root(data_dir, prep.cache_dir) / "volumes", prep)
         if not all(cache.has(s.image_path) for s in samples):
             preprocess_release(data_dir, prep, splits=[split], cache_dir=cache.dir)
         kept = [s for s in samples if cache.has(s.image_path)]
@@ -92,9 +92,13 @@ class ReasonKnee3DFamily(Family):
         return (self._dataset(exp.train.data_dir, exp.train.split, exp.data, train=True),
                 _VolumeBatcher(processor, with_answers=True))
 
-    def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path,
-                     split: str) -> tuple[Dataset, PredictCollate]:
-        prep = processor.preprocess_config()  # the preprocessing its model was trained with
+    def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path, split: str,
+                     images: Optional[str | Path] = None,
+                     cache_dir: Optional[str | Path] = None) -> tuple[Dataset, PredictCollate]:
+        import dataclasses
+        # The preprocessing its model was trained with; where the data is comes from the caller.
+        prep = dataclasses.replace(processor.preprocess_config(), images=None if images is None else str(images),
+                                   cache_dir=None if cache_dir is None else str(cache_dir))
         batcher = _VolumeBatcher(processor, with_answers=False)
 
         def collate(items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[SampleInfo]]:

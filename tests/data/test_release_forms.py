@@ -16,7 +16,7 @@ from reasonknee3d.data import release_forms as rf
 from reasonknee3d.data.check_release import check_release
 from reasonknee3d.data.release import ReleaseError, ReleaseLoader, iter_samples
 from reasonknee3d.data.synth import write_synthetic_release
-from reasonknee3d.prompts import question_prompt
+from reasonknee3d.prompts import question_prompt, release_question_text
 from reasonknee3d.schema import get_question
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "make_release_variants.py"
@@ -83,17 +83,24 @@ def test_rewritten_copies_load_the_same_samples(variants, name):
         assert {v.knee_side for v in records} <= {"left", "right"}
 
 
-def test_question_texts_from_upstream_and_package_files(variants):
+def test_question_texts_from_upstream_and_package_files(variants, copy_of):
     up = ReleaseLoader(variants["upstream_questions"])
     assert set(up.question_files()) == {"guided", "plain"}
     guided, plain = up.question_texts("guided"), up.question_texts("plain")
     assert sorted(guided) == list(range(1, 70)) == sorted(plain)
     assert guided[30] == question_prompt(get_question(30), "guided")
     assert plain[30] == question_prompt(get_question(30), "plain")
+    # The synthetic release writes the upstream-named files too (release-format text), and they come first.
     own = ReleaseLoader(variants["original"])
-    assert own.question_texts("plain") == {q: question_prompt(get_question(q)) for q in QUESTIONS}
+    assert own.question_texts("plain") == {q: release_question_text(get_question(q), "plain") for q in QUESTIONS}
+    assert own.question_texts("guided") == {q: release_question_text(get_question(q), "guided") for q in QUESTIONS}
+    package_only = copy_of("original")
+    for name in ("questions_nobbox_guided.json", "questions_nobbox_zeroshot.json"):
+        (package_only / "data" / "question_files" / name).unlink()
+    package_only = ReleaseLoader(package_only)
+    assert package_only.question_texts("plain") == {q: question_prompt(get_question(q)) for q in QUESTIONS}
     with pytest.raises(ReleaseError, match=r"no guided question texts; expected one of \['questions_nobbox_guided"):
-        own.question_texts("guided")
+        package_only.question_texts("guided")
     with pytest.raises(ReleaseError, match="unknown question text style 'fancy'"):
         own.question_texts("fancy")
 

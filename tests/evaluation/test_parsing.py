@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from reasonknee3d.answer import format_answer
 from reasonknee3d.constants import BOX_END, BOX_START
-from reasonknee3d.evaluation.parsing import MAX_CHARS, ParsedOutput, parse_output, parse_outputs
+from reasonknee3d.parsing import MAX_CHARS, ParsedOutput, parse_output, parse_outputs
 from reasonknee3d.schema import get_question, load_schema
 
 BML = get_question(1)  # three fields, finding key "patella medial BML", grades 0-3

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoProcessor, LogitsProcessorList
 
 from reasonknee3d.constants import BOX_END, BOX_START, DIAGNOSIS_PREFIX
-from reasonknee3d.evaluation.parsing import parse_output
+from reasonknee3d.parsing import parse_output
 from reasonknee3d.models.generation import (BoxLogitsProcessor, SeverityJSONLogitsProcessor,
                                             constrained_logits_processors)
 from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration

@@ -12,7 +12,7 @@ from reasonknee3d.cli import main
 from reasonknee3d.constants import IGNORE_INDEX, IM_END
 from reasonknee3d.data.io import load_volume
 from reasonknee3d.data.synth import write_synthetic_release
-from reasonknee3d.evaluation.parsing import parse_output
+from reasonknee3d.parsing import parse_output
 from reasonknee3d.evaluation.predict import predict
 from reasonknee3d.schema import get_question
 from reasonknee3d.training.checkpoints import has_adapter

@@ -87,7 +87,8 @@ def new_token_ids(processor: Any, cfg: SliceBaselineConfig) -> list[int]:
 def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineConfig | Mapping[str, Any],
                               cache_dir: Optional[str | os.PathLike] = None,
                               splits: Iterable[str] = ("train", "val", "test"),
-                              model_dir: Optional[str | os.PathLike] = None) -> Any:
+                              model_dir: Optional[str | os.PathLike] = None,
+                              images: Optional[str | os.PathLike] = None) -> Any:
     """Fill the feature cache for every volume of ``splits`` (each once); returns a ``release.BatchResult``.
 
     The vision tower comes from ``model_dir`` (a slice model folder) or else from the config's base
@@ -113,6 +114,6 @@ def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineCon
         feats, grid = compute_video_features(model, processor, cfg, volume_to_frames(volume, cfg))
         cache.save(image_path, CachedFeatures(feats, grid, meta.shape))
 
-    result = fill_volume_cache(loader.root, cache.dir, splits, cache.has, put)
+    result = fill_volume_cache(loader.root, cache.dir, splits, cache.has, put, images=images)
     logger.info("slice features: %d volumes in %s, %d skipped", result.n_done, cache.dir, len(result.skipped))
     return result

@@ -24,9 +24,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..boxes import repair_boxes
-from ..constants import BOX_END, BOX_START, COORD_TOKEN_FORMAT, DIAGNOSIS_PREFIX
-from ..schema import QuestionSpec
+from .boxes import repair_boxes
+from .constants import BOX_END, BOX_START, COORD_TOKEN_FORMAT, DIAGNOSIS_PREFIX
+from .schema import QuestionSpec
 
 MAX_CHARS = 32_768
 """Characters read from the end of an output."""
