@@ -1,6 +1,6 @@
 """Zero-shot runners of the paper: a local Qwen2-VL / Qwen2.5-VL checkpoint, or any OpenAI-compatible API.
 
-Settings (BENCH.md): ``plain`` (the question and the JSON shape of the answer), ``guided`` (adds grade
+Settings: ``plain`` (the question and the JSON shape of the answer), ``guided`` (adds grade
 definitions, step-by-step reasoning and the Location / Final diagnosis answer format) and ``gt-crop``
 (guided, on the volume cropped to the reference box + margin). Question texts come from the release's
 ``data/question_files`` when it has them, else from ``reasonknee3d.prompts``.
