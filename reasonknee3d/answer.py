@@ -5,13 +5,12 @@
     <remaining reasoning steps, one per line>
     Final diagnosis: {"<finding key>": {"<field>": <grade>, ...}}
 
-DESIGN.md puts the box after all the reasoning. Here it follows the first step, which names the region (the
-synthetic release's ``Region: ...`` line): the model says where the region is, then grades what it sees there,
-so every grading step is conditioned on the box and, for a 3D model with ``region_size``, on the region look
-(``models/region.py``). In the tiny demo models, naming the region before the box localized better than
-writing the box first (demo settings with the region look, 900 steps: mean IoU 0.291 vs 0.232-0.269 in four
-box-first runs). The scorer reads a box wherever it stands, and release answers in any order load the same
-way (``data/release.py``).
+The original 3DReasonKnee answers put the box after all the reasoning. Here it follows the first step, which
+names the region (the synthetic release's ``Region: ...`` line): the model says where the region is, then
+grades what it sees there, so every grading step is conditioned on the box and, for a 3D model with
+``region_size``, on the region look (``models/reasonknee3d/region.py``). This order also localized better than
+writing the box first (docs/results.md). The scorer reads a box wherever it stands, and release answers in
+any order load the same way (``data/release.py``). See docs/design.md, "Answer format".
 """
 from __future__ import annotations
 

@@ -32,11 +32,11 @@ VOLUME_PAD = "<|volume_pad|>"
 # Coordinate tokens: COORD_TOKEN_FORMAT.format(bin) for bin in range(K).
 COORD_TOKEN_FORMAT = "<|coord_{}|>"
 
-# Text labels of the answer format (DESIGN.md).
+# Text labels of the answer format (answer.py; docs/design.md).
 LOCATION_PREFIX = "Location:"
 DIAGNOSIS_PREFIX = "Final diagnosis:"
 
-# Severity key used for questions whose schema field key is null (BENCH.md).
+# Severity key used for questions whose schema field key is null (docs/benchmark.md).
 NULL_FIELD_KEY = "grade"
 
 # Version of the scoring spec implemented by reasonknee3d.evaluation.

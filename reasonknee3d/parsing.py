@@ -1,4 +1,4 @@
-"""Turn one raw model output into a severity answer and a box (BENCH.md "Parsing an output").
+"""Turn one raw model output into a severity answer and a box (docs/benchmark.md, "Parsing an answer").
 
 The parser never raises on any string: whatever it cannot read becomes a missing field or a missing box,
 and the ``ParsedOutput`` says which, so the scorer can count every failure. It reads
@@ -78,7 +78,7 @@ class ParsedOutput:
     severity: dict[str, Optional[int]]
     """Every field key of the question -> the predicted grade, or None when missing/invalid."""
     box: Optional[list[int]] = None
-    """Predicted box in the DESIGN.md order (min <= max per axis after repair), or None."""
+    """Predicted box in the package's box convention (min <= max per axis after repair), or None."""
     box_repaired: bool = False
     """The box had min > max on some axis and was repaired by swapping."""
     severity_found: bool = False

@@ -1,7 +1,7 @@
 """The 69 public ReasonKnee question types: category, structure, compartment, finding key, fields, grades.
 
 The schema ships with the package (``resources/question_schema.json``), so the scorer and the synthetic
-release need nothing else. ``field_keys`` applies the scoring rule: a null field key is called "grade".
+release need nothing else. ``field_keys`` applies the benchmark's rule (docs/benchmark.md): a null field key is called "grade".
 """
 from __future__ import annotations
 

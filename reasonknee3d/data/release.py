@@ -569,7 +569,7 @@ def iter_samples(root: str | Path, split: str, skipped: Optional[list[Skipped]] 
 
 
 def reference_row(sample: Sample) -> dict[str, Any]:
-    """One line of the scorer's references file."""
+    """One line of the scorer's references file (docs/benchmark.md, "Inputs")."""
     return {"sample_id": sample.sample_id, "volume_id": sample.volume_id, "question_id": sample.question_id,
             "severity": sample.severity, "box": sample.box, "split": sample.split}
 

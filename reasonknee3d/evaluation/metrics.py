@@ -1,4 +1,4 @@
-"""ReasonKnee-Bench metrics and the majority baseline (BENCH.md "Metrics"), in plain numpy.
+"""ReasonKnee-Bench metrics and the majority baseline (docs/benchmark.md, "Metrics"), in plain numpy.
 
 Severity is scored per (reference, field) *pair*: arrays of equal length hold the reference index, the
 (category, field key) group, the true grade and the predicted grade, with ``MISSING`` (-1) where the
@@ -134,7 +134,7 @@ class ScoreArrays:
 
 
 def summarize(a: ScoreArrays, ref_mask: Optional[np.ndarray] = None) -> tuple[dict, dict]:
-    """All BENCH.md metrics over the references selected by ``ref_mask`` (all when None).
+    """All ReasonKnee-Bench metrics over the references selected by ``ref_mask`` (all when None).
 
     Returns ``(values, support)``: ``values[metric]`` is a float or None (no data), and
     ``support[metric] = {"n": denominator, "parse_failures": unanswered items in it}``.

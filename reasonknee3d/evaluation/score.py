@@ -1,4 +1,4 @@
-"""ReasonKnee-Bench scoring: read references and predictions, parse, score, write the report (BENCH.md).
+"""ReasonKnee-Bench scoring: read references and predictions, parse, score, write the report (docs/benchmark.md).
 
 The scorer needs only the references file (never the images), so anyone can score their own model's
 outputs. Bad references stop the run with the file and line; bad prediction lines, predictions for

@@ -6,8 +6,8 @@ no doubt. ReasonKnee-Bench's ``balanced_acc`` averages the recall of every grade
 better decision is the argmax of p(grade | image) / p(grade) (prior-corrected; Menon et al., "Long-tail
 learning via logit adjustment", ICLR 2021). Drawing samples with weight ``1 / count(grade)`` trains the model
 on the balanced mix, so its own greedy decoding makes that decision. The price is diag_exact, which rewards
-writing the majority grade. It only helps as far as the model tells the grades apart: the tiny demo model
-could not, and there it lowered balanced accuracy (README, "What the demo shows today").
+writing the majority grade. It only helps as far as the model tells the grades apart: with a model that
+cannot, it lowers balanced accuracy (docs/results.md, "Grade-balanced sampling").
 
 Weights (``train.grade_balance`` = power p; 0 = natural mix, 1 = fully balanced):
 

@@ -1,4 +1,4 @@
-"""Region look (models/region.py): crops, box detection in token ids, and the model path through <|box_end|>."""
+"""Region look (models/reasonknee3d/region.py): crops, box detection in token ids, and the model path through <|box_end|>."""
 from __future__ import annotations
 
 import copy

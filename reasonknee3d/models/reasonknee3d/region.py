@@ -7,10 +7,9 @@ same volume encoder, pooled and projected (``RegionProjector``), and added to th
 ``<|box_end|>`` and of every later token of the row (``spread_regions``). The answer writes its box before
 the grading steps (``answer.py``), so the reasoning and the grades that follow are conditioned on the look.
 
-Why every later token and not the ``<|box_end|>`` alone: in the tiny demo models, a feature at ``<|box_end|>``
-alone was not read by the grade tokens 20-40 positions later (teacher-forced grade AUC 0.55 for bone marrow
-lesions, near chance), while the same feature added to every later token was (0.87 at the same 900 steps;
-README, "What the demo shows today").
+Why every later token and not the ``<|box_end|>`` alone: the grade tokens come 20-40 positions after the box,
+and a feature at ``<|box_end|>`` alone was not read by them, while the same feature added to every later
+token was (teacher-forced grade probe, docs/results.md).
 
 Training sees the reference box (teacher forcing), generation the model's own. With a KV cache, the step
 that feeds ``<|box_end|>`` back computes the feature, and ``generate`` carries it to the later steps in
