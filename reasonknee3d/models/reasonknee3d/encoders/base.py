@@ -116,3 +116,15 @@ def encoder_config(value: EncoderConfig | dict | None, strict: bool = False, def
 def build_encoder(config: EncoderConfig) -> PreTrainedModel:
     """A freshly initialised encoder of ``config``'s registered type."""
     return _entry(config.encoder_type)[1]._from_config(config)
+
+
+def init_encoder_from_files(encoder: PreTrainedModel) -> None:
+    """Fill a freshly built encoder from the weight files its config names, if its class reads any.
+
+    An encoder class that starts from files (``inflated_vit``'s ``init_from_2d``) defines ``init_from_files()``.
+    The 3D model calls this once when it is built fresh (``from_qwen2_5_vl``), never in ``from_pretrained``: a
+    saved model already holds the encoder's trained weights, and the files need not exist where it is loaded.
+    """
+    load = getattr(encoder, "init_from_files", None)
+    if load is not None:
+        load()
