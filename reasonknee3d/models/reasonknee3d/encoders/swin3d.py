@@ -120,11 +120,18 @@ class Swin3DEncoder(Swin3DPreTrainedModel):
 
     def __init__(self, config: Swin3DConfig) -> None:
         super().__init__(config)
-        self.swin = SwinTransformer(
+        kwargs = dict(
             in_chans=config.in_channels, embed_dim=config.embed_dim, window_size=tuple(config.window_size),
             patch_size=tuple(config.patch_size), depths=tuple(config.depths), num_heads=tuple(config.num_heads),
             mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias, drop_path_rate=config.drop_path_rate,
             patch_norm=config.patch_norm, spatial_dims=3, downsample="merging", use_flash_attention=True)
+        if torch.empty(0).device.type == "meta":
+            # MONAI reads its drop-path schedule with .item(), which a meta default device refuses: build on the
+            # CPU, then move the (empty) weights to meta, as a meta-device build (FLOP counting) expects.
+            with torch.device("cpu"):
+                self.swin = SwinTransformer(**kwargs).to("meta")
+        else:
+            self.swin = SwinTransformer(**kwargs)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
