@@ -14,6 +14,9 @@ Every figure is a ratio or rate measured here, in this process, beside the setti
 - ``cache_speedup``: cached volume load over NIfTI load + preprocessing (``data.cache.bench_cache``).
 - ``score_rate``: references scored per second by ``score_files`` on a generated 100k-line pair.
 - ``kv_cache_speedup``: greedy generation tokens/s of the tiny 3D model with and without the KV cache.
+- ``encoder_step_ratio``: forward + backward time of the 3D config's ``vit3d`` encoder over a ``swin3d`` encoder
+  (``BenchSettings.swin3d``) on the same volume, both at reduced width and depth (``encoder_step_reduce``);
+  ``encoder_flops_ratio_real_size`` is their FLOP ratio at full size, counted on the meta device.
 - ``mfu``: FLOPs of the measured 3D training step (``FlopCounterMode``) per second, over the fp32 matmul
   peak measured in the same run.
 
@@ -88,12 +91,27 @@ class BenchSettings:
     """Timed runs per figure (after one warm-up run)."""
     train_repeats: int = 3
     """Timed training steps per family (a slice step takes seconds on a CPU)."""
+    swin3d: dict = field(default_factory=lambda: dict(
+        encoder_type="swin3d", patch_size=[5, 12, 12], depths=[2, 10], num_heads=[6, 12], window_size=[8, 8, 8],
+        hidden_size=768))
+    """The swin3d encoder compared with the 3D config's vit3d, at the 3D config's input size. Patch 5 x 12 x 12
+    voxels (3.5 x 4.4 x 4.4 mm) -> a 32 x 32 x 32 first stage (32,768 patches, 3.6x the vit3d's 9,216) in
+    windows of 8^3, one merging per stage -> 8 x 8 x 8 = 512 features of width 768: the vit3d's token count
+    and projector width without pooling. 12 blocks (2 + 10) like the ViT-B's."""
+    encoder_step_reduce: dict = field(default_factory=lambda: {
+        "vit3d": dict(hidden_size=96, num_hidden_layers=1, num_attention_heads=2, intermediate_size=384),
+        "swin3d": dict(hidden_size=96, depths=[1, 1], num_heads=[1, 2])})
+    """Overrides of each encoder for the timed CPU step: width and depth shrink, the patch geometry (hence the
+    number of patches each attends over) stays that of the real settings."""
 
 
 BENCH = BenchSettings()
 QUICK = BenchSettings(config_3d="tiny_3d", config_slice="tiny_slice", volume_shape=(32, 64, 64),
                       lm={}, encoder={}, projector={}, gen_new_tokens=8, score_lines=2000, matmul_size=256,
-                      repeats=2, train_repeats=2, real_text_config=None)
+                      repeats=2, train_repeats=2, real_text_config=None,
+                      swin3d=dict(encoder_type="swin3d", patch_size=[2, 4, 4], depths=[1, 1], num_heads=[1, 2],
+                                  window_size=[4, 4, 4], hidden_size=64),
+                      encoder_step_reduce={"vit3d": {}, "swin3d": {}})
 
 
 # --- timing and FLOP counting ------------------------------------------------------------------------
@@ -359,6 +377,87 @@ def count_real_size_flops(exp3d_real: Any, text_config: dict[str, Any], visual_t
                                     "slice": visual_tokens["slice"] + text_tokens}}}
 
 
+# --- encoders: vit3d against swin3d ------------------------------------------------------------------
+
+def encoder_configs(exp3d: Any, swin3d: dict[str, Any], reduce: Optional[dict[str, dict]] = None) -> dict[str, Any]:
+    """``{"vit3d": ..., "swin3d": ...}`` encoder configs at ``exp3d``'s input size: the experiment's own encoder
+    and ``swin3d``, each with ``reduce[name]`` on top (sizes only; the patch geometry stays)."""
+    from .models.reasonknee3d.encoders import encoder_config
+
+    reduce = reduce or {}
+    size = [int(v) for v in exp3d.data.input_shape]
+    out = {}
+    for name, settings in (("vit3d", dict(exp3d.model.encoder)), ("swin3d", dict(swin3d))):
+        settings = {**settings, **reduce.get(name, {}), "input_size": size}
+        config = encoder_config(settings, strict=True)
+        if config.encoder_type != name:
+            raise ValueError(f"bench: the {name} side is a {config.encoder_type!r} encoder ({exp3d.source})")
+        out[name] = config
+    return out
+
+
+def encoder_step_flops(config: Any) -> int:
+    """FLOPs of one forward + backward of a freshly built encoder of ``config`` on one volume of its input size,
+    counted on the meta device (nothing is computed or allocated)."""
+    from .models.reasonknee3d.encoders import build_encoder
+
+    with torch.device("meta"):
+        encoder = build_encoder(config)
+    encoder.train()
+    with flop_counter() as counter:
+        features, _ = encoder(torch.empty(1, config.in_channels, *config.input_size, device="meta"))
+        features.float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def _encoder_summary(config: Any) -> dict[str, Any]:
+    first = [s // p for s, p in zip(config.input_size, config.patch_size)]  # patches of the first layer
+    return {"input_size": list(config.input_size), "grid": list(config.grid_size), "features": math.prod(config.grid_size), "first_stage_patches":
+            math.prod(first), "settings": config.to_diff_dict()}
+
+
+def measure_encoder_step(configs: dict[str, Any], repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Forward + backward time of each encoder in ``configs`` (name -> encoder config, same input size) on one
+    random volume, the encoders timed in alternation; ``ratio`` = vit3d median over swin3d median.
+
+    The backward runs from the mean square of the features, so every parameter gets a gradient; gradients are
+    dropped between runs. Also counts each step's FLOPs (meta device).
+    """
+    from .models.reasonknee3d.encoders import build_encoder
+
+    sizes = {tuple(c.input_size) for c in configs.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"measure_encoder_step: the encoders have different input sizes {sorted(sizes)}")
+    volume = torch.randn(1, 1, *sizes.pop(), generator=torch.Generator().manual_seed(seed))
+    encoders = {}
+    for name, config in configs.items():
+        torch.manual_seed(seed)
+        encoders[name] = build_encoder(config).train()
+
+    def step(encoder: Any) -> None:
+        features, _ = encoder(volume)
+        features.float().pow(2).mean().backward()
+        encoder.zero_grad(set_to_none=True)
+
+    times = time_interleaved({name: functools.partial(step, enc) for name, enc in encoders.items()}, repeats)
+    out: dict[str, Any] = {}
+    for name, config in configs.items():
+        out[name] = {"median_s": statistics.median(times[name]), "repeats_s": times[name],
+                     "flops": encoder_step_flops(config),
+                     "parameters": sum(p.numel() for p in encoders[name].parameters()), **_encoder_summary(config)}
+    return {"ratio": out["vit3d"]["median_s"] / out["swin3d"]["median_s"],
+            "flops_ratio": out["vit3d"]["flops"] / out["swin3d"]["flops"], **out,
+            "settings": {"volume_shape": list(volume.shape[2:]), "batch_size": 1, "dtype": "float32",
+                         "attn_implementation": "sdpa (vit3d); MONAI window attention (swin3d)",
+                         "activation_checkpointing": False, "repeats": repeats}}
+
+
+def count_encoder_flops_real_size(configs: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs of one forward + backward of each full-size encoder (meta device); ``ratio`` = vit3d over swin3d."""
+    out = {name: {"flops": encoder_step_flops(config), **_encoder_summary(config)} for name, config in configs.items()}
+    return {"ratio": out["vit3d"]["flops"] / out["swin3d"]["flops"], **out}
+
+
 # --- cache, scoring, generation -----------------------------------------------------------------------
 
 def measure_cache(exp3d_real: Any, work_dir: Path, repeats: int = 5) -> dict[str, Any]:
@@ -511,6 +610,10 @@ def run_bench(out: Optional[str | Path] = None, repeats: Optional[int] = None, q
         text_config = s.real_text_config or AutoConfig.from_pretrained(lm_dir).text_config.to_dict()
         details["train_step_flops_real_size"] = count_real_size_flops(exp3d_real, text_config, visual,
                                                                       train["text_tokens"]["3d"])
+        logger.info("encoder step: vit3d vs swin3d (reduced sizes), and their real-size FLOPs")
+        details["encoder_step"] = measure_encoder_step(encoder_configs(exp3d_real, s.swin3d, s.encoder_step_reduce),
+                                                       s.train_repeats)
+        details["encoder_flops_real_size"] = count_encoder_flops_real_size(encoder_configs(exp3d_real, s.swin3d))
         logger.info("volume cache")
         details["cache"] = measure_cache(exp3d_real, work / "cache", s.repeats)
         logger.info("scoring %d lines", s.score_lines)
@@ -533,6 +636,9 @@ def run_bench(out: Optional[str | Path] = None, repeats: Optional[int] = None, q
         "score_rate": details["score"]["lines_per_s"],
         "kv_cache_speedup": details["kv_cache"]["speedup"],
         "mfu": details["mfu"]["mfu"],
+        "encoder_step_ratio": details["encoder_step"]["ratio"],
+        "encoder_step_s": {k: details["encoder_step"][k]["median_s"] for k in ("vit3d", "swin3d")},
+        "encoder_flops_ratio_real_size": details["encoder_flops_real_size"]["ratio"],
     }
     result = {
         **headline,
@@ -590,7 +696,19 @@ def limits(d: dict[str, Any]) -> dict[str, str]:
         "kv_cache_speedup": "tiny model: per-token Python overhead of generate bounds the cached rate; the gain "
                             "grows with the number of generated tokens",
         "mfu": "fp32 on 2 CPU cores: small matrices, conv3d and CPU attention kernels run far below the matmul peak",
+        "encoder_step_ratio": _encoder_limit(d["encoder_step"]),
+        "encoder_flops_ratio_real_size": "counted, not timed: full attention grows with the square of the patch "
+                                         "count, window attention linearly, so the ratio grows with the volume; "
+                                         "activation checkpointing not counted",
     }
+
+
+def _encoder_limit(enc: dict[str, Any]) -> str:
+    vit, swin = enc["vit3d"]["settings"], enc["swin3d"]["settings"]
+    return (f"reduced encoders on a CPU in fp32 (vit3d hidden {vit.get('hidden_size')}, swin3d hidden "
+            f"{swin.get('hidden_size')}), first-stage patches ({enc['vit3d']['first_stage_patches']:,} vs "
+            f"{enc['swin3d']['first_stage_patches']:,}); FLOP ratio {enc['flops_ratio']:.1f}x. MONAI's window "
+            f"attention adds per-step work the FLOPs do not count (shift mask, window partition, eager softmax)")
 
 
 def print_table(result: dict[str, Any], console: Any = None) -> None:
@@ -617,6 +735,15 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
          f"{kv['tokens_per_s']['cache']:.1f} vs {kv['tokens_per_s']['no_cache']:.1f} tokens/s"),
         ("mfu", f"{100 * result['mfu']:.1f} %",
          f"{d['mfu']['achieved_flops'] / 1e9:.1f} of {d['mfu']['peak_flops'] / 1e9:.1f} GFLOP/s"),
+        ("encoder_step_ratio", f"{result['encoder_step_ratio']:.2f}x",
+         f"vit3d {d['encoder_step']['vit3d']['median_s']:.2f} s vs swin3d {d['encoder_step']['swin3d']['median_s']:.2f}"
+         f" s forward + backward, {'x'.join(map(str, d['encoder_step']['settings']['volume_shape']))} (reduced "
+         f"width; {d['encoder_step']['vit3d']['flops'] / 1e9:.1f} vs {d['encoder_step']['swin3d']['flops'] / 1e9:.1f}"
+         f" GFLOP)"),
+        ("encoder_flops_ratio_real_size", f"{result['encoder_flops_ratio_real_size']:.2f}x",
+         f"vit3d {d['encoder_flops_real_size']['vit3d']['flops'] / 1e12:.2f} vs swin3d "
+         f"{d['encoder_flops_real_size']['swin3d']['flops'] / 1e12:.2f} TFLOP forward + backward, "
+         f"{'x'.join(map(str, d['encoder_flops_real_size']['vit3d']['input_size']))}"),
     ]
     load, cpus = max(result["machine"]["load_average"]), result["machine"]["cpus"]
     title = (f"reasonknee3d bench{' --quick (tiny configs: not the real figures)' if result['quick'] else ''}, "

@@ -20,7 +20,7 @@ import yaml
 
 from .attention import ATTN_IMPLEMENTATIONS
 
-STAGES = ("alignment", "instruction")
+STAGES = ("alignment", "instruction", "region_grades")
 MODULE_ROLES = ("encoder", "projector", "language_model")
 MODES = ("frozen", "lora", "full")
 
@@ -28,6 +28,8 @@ MODES = ("frozen", "lora", "full")
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "alignment": {"encoder": "full", "projector": "full", "language_model": "frozen", "new_token_rows": False},
     "instruction": {"encoder": "frozen", "projector": "full", "language_model": "lora", "new_token_rows": True},
+    # Encoder pretraining on its own (training/region_grades.py): no projector or language model is built.
+    "region_grades": {"encoder": "full", "projector": "frozen", "language_model": "frozen", "new_token_rows": False},
 }
 
 
@@ -61,7 +63,8 @@ class TrainConfig:
 
     stage: str = "instruction"
     """alignment (encoder + projector train, language model frozen) | instruction (LoRA on the LM,
-    projector and new token rows train)."""
+    projector and new token rows train) | region_grades (the 3D encoder alone learns the MOAKS grades inside each
+    reference box; ``training/region_grades.py``)."""
     encoder: Optional[str] = None
     """Volume/vision encoder mode: frozen | full; unset takes the stage default."""
     projector: Optional[str] = None
@@ -157,6 +160,11 @@ class TrainConfig:
         if self.stage == "alignment" and self.language_model != "frozen":
             raise ConfigError(f"train.language_model: the alignment stage keeps the language model frozen, got "
                               f"{self.language_model!r} (use stage: instruction)")
+        if self.stage == "region_grades" and (self.encoder, self.projector, self.language_model) != (
+                "full", "frozen", "frozen"):
+            raise ConfigError(f"train: the region_grades stage trains the encoder alone (encoder full, projector and "
+                              f"language_model frozen); got encoder {self.encoder!r}, projector {self.projector!r}, "
+                              f"language_model {self.language_model!r}")
         if not isinstance(self.new_token_rows, bool):
             raise ConfigError(f"train.new_token_rows: expected true or false, got {self.new_token_rows!r}")
         if self.new_token_rows and self.language_model != "lora":

@@ -17,7 +17,7 @@ from reasonknee3d.cli import main
 from reasonknee3d.evaluation.score import score_files
 
 HEADLINE = ("tokens_ratio", "train_step_speedup", "train_step_flops_ratio_real_size", "cache_speedup", "score_rate",
-            "kv_cache_speedup", "mfu")
+            "kv_cache_speedup", "mfu", "encoder_step_ratio", "encoder_flops_ratio_real_size")
 
 
 def _positive_finite(value: object) -> bool:
@@ -58,6 +58,11 @@ def test_quick_bench_cli_writes_every_figure(tmp_path, monkeypatch, capsys, one_
         assert step["sequence_tokens"] == result["tokens_per_volume"][family] + d["train_step"]["text_tokens"][family]
     assert 0 < d["train_step"]["3d"]["encoder_share"] < 1
     assert d["score"]["settings"]["lines"] == 150
+    enc = d["encoder_step"]
+    assert set(result["encoder_step_s"]) == {"vit3d", "swin3d"} and len(enc["vit3d"]["repeats_s"]) == 1
+    assert enc["settings"]["volume_shape"] == [32, 64, 64]
+    assert result["encoder_step_ratio"] == enc["vit3d"]["median_s"] / enc["swin3d"]["median_s"]
+    assert d["encoder_flops_real_size"]["vit3d"]["input_size"] == [32, 64, 64]  # tiny_3d's input: quick run
     assert "train_step_speedup" in capsys.readouterr().out  # the table was printed
 
 
@@ -81,3 +86,22 @@ def test_generated_score_inputs_score_like_model_outputs(tmp_path):
     assert 0.5 < report["overall"]["diag_exact"] < 0.95
     assert 0.2 < report["overall"]["miou"] < 0.95
     assert report["overall"]["parse_fail_severity"] < 0.1
+
+
+def test_encoder_flops_grow_linearly_for_swin3d_and_faster_for_vit3d():
+    # The real settings of the bench (vit3d of the real config, BenchSettings.swin3d), counted on the meta device
+    # for the real volume and one twice as deep: window attention is linear in the patch count, full attention not.
+    from reasonknee3d.families import load_experiment_config
+
+    flops = {}
+    for depth in (160, 320):
+        exp = load_experiment_config("rk3d_qwen2.5vl_3b", [f"data.input_shape=[{depth}, 384, 384]"])
+        flops[depth] = bench.count_encoder_flops_real_size(bench.encoder_configs(exp, bench.BENCH.swin3d))
+    vit = flops[320]["vit3d"]["flops"] / flops[160]["vit3d"]["flops"]
+    swin = flops[320]["swin3d"]["flops"] / flops[160]["swin3d"]["flops"]
+    assert swin == pytest.approx(2.0, rel=0.01)
+    assert vit > 3.0  # 2x the patches: 2x the projections and MLPs, 4x the attention matmuls
+    assert flops[160]["ratio"] > 1
+    # swin3d hands the projector 8 x 8 x 8 features, what vit3d's 16 x 24 x 24 patches pool to (2 x 3 x 3).
+    assert flops[160]["swin3d"]["grid"] == [8, 8, 8] and flops[160]["vit3d"]["grid"] == [16, 24, 24]
+    assert flops[160]["swin3d"]["first_stage_patches"] == 32 ** 3 and flops[160]["vit3d"]["first_stage_patches"] == 9216

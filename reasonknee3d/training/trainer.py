@@ -238,6 +238,10 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     ``family`` overrides the family named by ``exp.family`` (tests pass a toy one); ``callbacks`` are added
     to the Trainer's own.
     """
+    if exp.train.stage == "region_grades":
+        # Encoder pretraining has its own loop: no projector, language model or Trainer (region_grades.py).
+        from .region_grades import run_region_grades
+        return run_region_grades(exp)
     family = family if family is not None else get_family(exp.family)
     out = exp.output_dir()
     exp = replace(exp, train=replace(exp.train, output_dir=str(out)))

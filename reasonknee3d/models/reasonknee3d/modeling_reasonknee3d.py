@@ -27,7 +27,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextMod
 from ...constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
 from ..tiny_qwen import default_tiny_qwen_dir
 from .configuration_reasonknee3d import ReasonKnee3DConfig, ReasonKnee3DModelArgs
-from .encoders import EncoderConfig, build_encoder
+from .encoders import EncoderConfig, build_encoder, init_encoder_from_files
 from .projectors import ProjectorConfig, build_projector
 from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
 
@@ -382,6 +382,7 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
             region_size=region_size)
         model = cls._from_config(config, attn_implementation=select_attn_implementation(attn_implementation),
                                  dtype=dtype)
+        init_encoder_from_files(model.model.encoder)
         _load_language_model(model, path)
         init_new_embeddings(model.get_input_embeddings(), model.get_output_embeddings(),
                             list(range(old_vocab, len(tokenizer))), tokenizer)

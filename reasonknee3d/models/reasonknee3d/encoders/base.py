@@ -13,8 +13,11 @@ Add an encoder with ``@register_encoder("name", NameEncoderConfig)`` on its ``Pr
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 Grid = tuple[int, int, int]
@@ -42,6 +45,9 @@ class EncoderConfig(PreTrainedConfig):
     hidden_size: int = 64
     """Width of the output features (the projector's input)."""
     initializer_range: float = 0.02
+    init_from: str | None = None
+    """Encoder folder (``config.json`` + ``model.safetensors``, e.g. what ``train.stage: region_grades`` writes)
+    whose weights a freshly built model starts from; read once at build time, never on reload."""
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.input_size = triple(self.input_size, "encoder_config.input_size")
@@ -116,3 +122,51 @@ def encoder_config(value: EncoderConfig | dict | None, strict: bool = False, def
 def build_encoder(config: EncoderConfig) -> PreTrainedModel:
     """A freshly initialised encoder of ``config``'s registered type."""
     return _entry(config.encoder_type)[1]._from_config(config)
+
+
+def init_encoder_from_files(encoder: PreTrainedModel) -> None:
+    """Fill a freshly built encoder from the weight files its config names, if its class reads any.
+
+    An encoder class that starts from files (``inflated_vit``'s ``init_from_2d``) defines ``init_from_files()``.
+    The 3D model calls this once when it is built fresh (``from_qwen2_5_vl``), never in ``from_pretrained``: a
+    saved model already holds the encoder's trained weights, and the files need not exist where it is loaded.
+    """
+    if encoder.config.init_from:
+        # A pretrained encoder folder replaces any other start (it was itself built from those files).
+        load_encoder_folder(encoder, encoder.config.init_from)
+        return
+    load = getattr(encoder, "init_from_files", None)
+    if load is not None:
+        load()
+
+
+def load_encoder_folder(encoder: PreTrainedModel, path: str | os.PathLike) -> None:
+    """Copy the weights of a saved encoder folder into ``encoder``: same ``encoder_type``, every tensor present
+    with the same shape (ValueError naming the folder and the tensor otherwise)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"encoder.init_from: {folder} is not an encoder folder (expected config.json and "
+                                f"model.safetensors, as train.stage region_grades writes)")
+    saved_type = json.loads(config_path.read_text(encoding="utf-8")).get("encoder_type")
+    if saved_type != encoder.config.encoder_type:
+        raise ValueError(f"encoder.init_from: {folder} holds a {saved_type!r} encoder, the config builds "
+                         f"{encoder.config.encoder_type!r}")
+    weights = load_file(str(weights_path))
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ValueError(f"encoder.init_from: {folder} lacks encoder tensors {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    for key, value in own.items():
+        if tuple(weights[key].shape) != tuple(value.shape):
+            raise ValueError(f"encoder.init_from: {folder}: {key} has shape {tuple(weights[key].shape)}, this encoder "
+                             f"{tuple(value.shape)} (the encoder settings or data.input_shape differ from the saved "
+                             f"encoder's)")
+    with torch.no_grad():
+        for key, value in own.items():
+            value.copy_(weights[key].to(value.dtype))
