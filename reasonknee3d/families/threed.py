@@ -48,7 +48,9 @@ class ReasonKnee3DFamily(Family):
 
     def load(self, model_dir: str | Path, attn_implementation: str) -> tuple[nn.Module, Any]:
         from ..models.reasonknee3d.processing_reasonknee3d import ReasonKnee3DProcessor
+        from ..models.precision import restore_adapter_precision
         model = self.model_class.from_pretrained(model_dir, attn_implementation=attn_implementation)
+        restore_adapter_precision(model, model_dir)  # what trained comes back float32, as it was saved
         return model, ReasonKnee3DProcessor.from_pretrained(model_dir)
 
     def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str],

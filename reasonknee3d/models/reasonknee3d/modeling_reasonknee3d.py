@@ -8,6 +8,7 @@ from the prompt and advanced by one per generated token on every axis.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import re
@@ -26,6 +27,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
 from ...constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
+from ..precision import autocast_like
 from ..tiny_qwen import build_tiny_qwen2_5_vl
 from .configuration_reasonknee3d import ReasonKnee3DConfig, ReasonKnee3DModelArgs
 from .encoders import EncoderConfig, build_encoder
@@ -33,6 +35,16 @@ from .projectors import ProjectorConfig, build_projector
 from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
 
 Grid = tuple[int, int, int]
+
+# transformers renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` during 5.x and warns
+# (FutureWarning) on the old name; the models here accept both names and pass on the one the installed version uses.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2_5_VLTextModel.forward).parameters else "past_key_values"
+
+
+def _cache_arg(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as one of cache and past_key_values, not both")
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -62,6 +74,19 @@ class ReasonKnee3DPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # The encoder's own block joins this list when the model is built (transformers collects the children's).
     _no_split_modules = ["Qwen2_5_VLDecoderLayer"]
+    # The parts trained from scratch stay float32 under a bfloat16 language model (master weights that small
+    # updates do not round away; models/precision.py), also when a bfloat16 folder is loaded.
+    _keep_in_fp32_modules_strict = ["encoder", "projector", "region_projector"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The language model's dtype: the model's configured dtype (``save_pretrained`` writes it to config.json,
+        ``from_pretrained`` loads in it), whatever the float32 encoder and projectors hold."""
+        owner = self if hasattr(self, "language_model") else getattr(self, "model", None)
+        lm = getattr(owner, "language_model", None)
+        if lm is None:
+            return super().dtype
+        return next(p.dtype for p in lm.parameters() if p.is_floating_point())
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -92,8 +117,13 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
 
     def get_volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
         """``(B, 1, S, H, W)`` volumes -> ``(B, N, text_hidden)`` language-model embeddings in grid order."""
-        features, grid = self.encoder(volumes)
-        return self.projector(features, grid)
+        with self._encoder_autocast(volumes.device):
+            features, grid = self.encoder(volumes)
+            return self.projector(features, grid)
+
+    def _encoder_autocast(self, device: torch.device) -> Any:
+        """The float32 encoder and projectors compute in the language model's half dtype on GPU."""
+        return autocast_like(self.language_model.norm.weight.dtype, device)
 
     def bin_of_id(self, device: torch.device) -> torch.Tensor:
         """``(vocab,)`` lookup: the bin of each coordinate token id, -1 for every other id."""
@@ -132,9 +162,10 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
             raise ValueError(f"the region look needs one volume per row to read the boxes this input closes: got "
                              f"{got} for {batch} rows (pass volumes, or region_volumes in cached steps)")
         crops = crop_regions(volumes[rows], bins, self.config.num_bins, self.config.region_size)
-        features, _ = self.encoder(crops)  # (n, P, C_enc)
-        added, last = spread_regions(rows, cols, self.region_projector(features), length,
-                                     carried.to(inputs_embeds.dtype))
+        with self._encoder_autocast(crops.device):
+            features, _ = self.encoder(crops)  # (n, P, C_enc)
+            region = self.region_projector(features)
+        added, last = spread_regions(rows, cols, region, length, carried.to(inputs_embeds.dtype))
         return inputs_embeds + added, last
 
     def get_rope_index(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
@@ -197,6 +228,7 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         region_volumes: torch.Tensor | None = None,
+        cache: Cache | None = None,
         context_ids: torch.LongTensor | None = None,
         region_embeds: torch.Tensor | None = None,
         **kwargs: Any,
@@ -204,7 +236,9 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         """Cached generation steps of a model with the region look (``region.py``) also take
         ``region_volumes`` (the volumes, which ``volumes`` only brings to the prefill), ``context_ids`` (the
         whole sequence of which ``input_ids`` are the last columns) and ``region_embeds`` (B, C: the feature
-        in force from earlier steps, the previous output's ``region_embeds``)."""
+        in force from earlier steps, the previous output's ``region_embeds``). The KV cache comes as ``cache`` or
+        (the older name) ``past_key_values``."""
+        past_key_values = _cache_arg(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -236,12 +270,12 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
             elif self.rope_deltas is not None:
                 position_ids = self._continued_positions(inputs_embeds, attention_mask, past_length)
         outputs = self.language_model(input_ids=None, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                      use_cache=use_cache, **kwargs)
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                      **{CACHE_KWARG: past_key_values}, **kwargs)
         return ReasonKnee3DModelOutputWithPast(last_hidden_state=outputs.last_hidden_state,
-                                               past_key_values=outputs.past_key_values,
                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                               rope_deltas=rope_deltas, region_embeds=region_embeds)
+                                               rope_deltas=rope_deltas, region_embeds=region_embeds,
+                                               **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)})
 
 
 class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, GenerationMixin):
@@ -278,6 +312,7 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> ReasonKnee3DCausalLMOutputWithPast:
         """``volumes``: ``(B, 1, S, H, W)`` float, one per sample, in the order of their placeholder blocks.
@@ -285,7 +320,7 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         ``labels`` use ``IGNORE_INDEX`` for positions without loss and are shifted inside the loss.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, volumes=volumes,
-                             position_ids=position_ids, past_key_values=past_key_values,
+                             position_ids=position_ids, cache=_cache_arg(cache, past_key_values),
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
@@ -293,10 +328,10 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
-        return ReasonKnee3DCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                                  hidden_states=outputs.hidden_states,
+        return ReasonKnee3DCausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                                   attentions=outputs.attentions, rope_deltas=outputs.rope_deltas,
-                                                  region_embeds=outputs.region_embeds)
+                                                  region_embeds=outputs.region_embeds,
+                                                  **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)})
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -313,11 +348,11 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
                                                                       grid)
         return positions
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Cache | None = None,
-                                      volumes: torch.Tensor | None = None, is_first_iteration: bool = False,
-                                      **kwargs: Any) -> dict[str, Any]:
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
-                                                             is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, volumes: torch.Tensor | None = None,
+                                      is_first_iteration: bool = False, **kwargs: Any) -> dict[str, Any]:
+        # The KV cache stays in ``kwargs`` under whichever name this transformers version generates with.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration,
+                                                             **kwargs)
         # With a cache only the prefill sees the placeholders; later steps feed one new token each.
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["volumes"] = volumes
@@ -383,6 +418,11 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
             region_size=region_size)
         model = cls._from_config(config, attn_implementation=select_attn_implementation(attn_implementation),
                                  dtype=dtype)
+        # _from_config, unlike from_pretrained, leaves _keep_in_fp32_modules_strict to the caller.
+        for name in cls._keep_in_fp32_modules_strict:
+            part = getattr(model.model, name, None)
+            if part is not None:
+                part.float()
         _load_language_model(model, path)
         init_new_embeddings(model.get_input_embeddings(), model.get_output_embeddings(),
                             list(range(old_vocab, len(tokenizer))), tokenizer)
