@@ -157,8 +157,8 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
                 # Keep the region projector in the graph: DDP expects a gradient for every parameter.
                 inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.region_projector.parameters())
             return inputs_embeds + carried[:, None].to(inputs_embeds.dtype), carried
-        if volumes is None or volumes.shape[0] != batch:
-            got = "no volumes" if volumes is None else f"{volumes.shape[0]} volumes"
+        if volumes is None or len(volumes) != batch:
+            got = "no volumes" if volumes is None else f"{len(volumes)} volumes"
             raise ValueError(f"the region look needs one volume per row to read the boxes this input closes: got "
                              f"{got} for {batch} rows (pass volumes, or region_volumes in cached steps)")
         crops = crop_regions(volumes[rows], bins, self.config.num_bins, self.config.region_size)
@@ -228,17 +228,24 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         region_volumes: torch.Tensor | None = None,
-        cache: Cache | None = None,
         context_ids: torch.LongTensor | None = None,
         region_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        volume_index: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> ReasonKnee3DModelOutputWithPast:
         """Cached generation steps of a model with the region look (``region.py``) also take
         ``region_volumes`` (the volumes, which ``volumes`` only brings to the prefill), ``context_ids`` (the
         whole sequence of which ``input_ids`` are the last columns) and ``region_embeds`` (B, C: the feature
         in force from earlier steps, the previous output's ``region_embeds``). The KV cache comes as ``cache`` or
-        (the older name) ``past_key_values``."""
+        (the older name) ``past_key_values``.
+
+        ``volume_index`` (B,) groups questions about the same volume: ``volumes`` then holds each distinct volume
+        once and row ``b`` reads ``volumes[volume_index[b]]``, so the encoder runs once per volume; features, loss
+        and gradients are those of the batch with every row's volume repeated."""
         past_key_values = _cache_arg(cache, past_key_values)
+        if volume_index is not None and volumes is None:
+            raise ValueError("volume_index needs volumes (one per distinct volume)")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -247,7 +254,9 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         if volumes is not None:
             if input_ids is None:
                 raise ValueError("volumes need input_ids: features are spliced at the <|volume_pad|> token ids")
-            features = self.get_volume_features(volumes)  # (B, N, C)
+            features = self.get_volume_features(volumes)  # (B, N, C), or (U, N, C) with volume_index
+            if volume_index is not None:
+                features = features[volume_index.to(features.device)]
             mask = input_ids == self.config.volume_token_id  # (B, L)
             n_tokens, n_features = int(mask.sum()), features.shape[0] * features.shape[1]
             if n_tokens != n_features:
@@ -257,6 +266,9 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds),
                                                          features.to(inputs_embeds.dtype))
         region_source = volumes if volumes is not None else region_volumes
+        if volume_index is not None and region_source is not None:
+            # Crops are per box: each row's crop is read from its own volume through the index, without copies.
+            region_source = _RowVolumes(region_source, volume_index)
         if self.region_projector is not None and input_ids is not None and (
                 region_source is not None or region_embeds is not None):
             inputs_embeds, region_embeds = self.add_region_features(input_ids, inputs_embeds, region_source,
@@ -276,6 +288,19 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                                                rope_deltas=rope_deltas, region_embeds=region_embeds,
                                                **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)})
+
+
+class _RowVolumes:
+    """One volume per row, read from distinct ``volumes`` through ``index`` (B,) without stacking copies."""
+
+    def __init__(self, volumes: torch.Tensor, index: torch.LongTensor) -> None:
+        self.volumes, self.index = volumes, index.to(volumes.device)
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.volumes[self.index[rows.to(self.index.device)]]
 
 
 class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, GenerationMixin):
