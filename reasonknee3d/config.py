@@ -135,6 +135,10 @@ class TrainConfig:
     """Power p of grade-balanced sampling (``training.sampling``): 0 draws samples in their natural mix, 1 draws
     every grade of a (category, field) group equally often, in between interpolates. Trades diag_exact for
     balanced_acc; the mix of question categories is kept either way."""
+    volume_grouping: int = 1
+    """Questions of the same volume placed next to each other in the sample order, in groups of up to this many
+    (``training.sampling.VolumeGroupedSampler``); a batch then holds fewer distinct volumes and the 3D model
+    encodes each once (``volume_index``). 1 = off. Needs ``per_device_batch_size`` > 1 to save anything."""
     coord_label_sigma: float = 0.0
     """Gaussian width, in bins, of the coordinate-token targets (``training.losses``): near-miss bins share the
     target mass, so the ordinal box coordinates learn from fewer samples. 0 = plain cross-entropy."""
@@ -176,6 +180,11 @@ class TrainConfig:
             if self.lora.r < 1 or not self.lora.targets:
                 raise ConfigError(f"train.lora: language_model is lora but r={self.lora.r}, "
                                   f"targets={self.lora.targets} (need r >= 1 and at least one target)")
+        if not isinstance(self.volume_grouping, int) or self.volume_grouping < 1:
+            raise ConfigError(f"train.volume_grouping: expected an integer >= 1, got {self.volume_grouping!r}")
+        if self.volume_grouping > 1 and (self.grade_balance > 0 or self.group_by_length):
+            raise ConfigError("train.volume_grouping: > 1 picks the sample order, so it cannot be combined with "
+                              "train.grade_balance > 0 or train.group_by_length: true")
         if self.merge and self.language_model != "lora":
             raise ConfigError("train.merge: true needs train.language_model: lora (there is no adapter to merge)")
         if self.max_steps == 0 or self.max_steps < -1 or (self.max_steps == -1 and self.num_epochs <= 0):

@@ -48,7 +48,9 @@ class ReasonKnee3DFamily(Family):
 
     def load(self, model_dir: str | Path, attn_implementation: str) -> tuple[nn.Module, Any]:
         from ..models.reasonknee3d.processing_reasonknee3d import ReasonKnee3DProcessor
+        from ..models.precision import restore_adapter_precision
         model = self.model_class.from_pretrained(model_dir, attn_implementation=attn_implementation)
+        restore_adapter_precision(model, model_dir)  # what trained comes back float32, as it was saved
         return model, ReasonKnee3DProcessor.from_pretrained(model_dir)
 
     def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str]) -> Any:
@@ -90,7 +92,7 @@ class ReasonKnee3DFamily(Family):
 
     def train_data(self, exp: "ExperimentConfig", model: nn.Module, processor: Any) -> tuple[Dataset, Collate]:
         return (self._dataset(exp.train.data_dir, exp.train.split, exp.data, train=True),
-                _VolumeBatcher(processor, with_answers=True))
+                _VolumeBatcher(processor, with_answers=True, group_volumes=exp.train.volume_grouping > 1))
 
     def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path, split: str,
                      images: Optional[str | Path] = None,
@@ -150,10 +152,31 @@ def _standardized(volume: Any) -> torch.Tensor:
 class _VolumeBatcher:
     """VolumeQADataset items -> processor batch (a class, not a closure, so DataLoader workers can pickle it)."""
 
-    def __init__(self, processor: Any, with_answers: bool) -> None:
-        self.processor, self.with_answers = processor, with_answers
+    def __init__(self, processor: Any, with_answers: bool, group_volumes: bool = False) -> None:
+        self.processor, self.with_answers, self.group_volumes = processor, with_answers, group_volumes
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return dict(self.processor([it["volume"] for it in items], [it["prompt"] for it in items],
-                                   [it["answer"] for it in items] if self.with_answers else None,
-                                   orig_shapes=[it["orig_shape"] for it in items]))
+        batch = dict(self.processor([it["volume"] for it in items], [it["prompt"] for it in items],
+                                    [it["answer"] for it in items] if self.with_answers else None,
+                                    orig_shapes=[it["orig_shape"] for it in items]))
+        return group_volumes(batch) if self.group_volumes else batch
+
+
+def group_volumes(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with each distinct volume once in ``volumes`` and ``volume_index`` (B,) pointing rows at them.
+
+    Rows are merged only when their model inputs are identical (the same cached volume and the same augmentation
+    draw, or none), so the batch means exactly what it meant before; a batch without repeats is returned as is.
+    """
+    volumes = batch["volumes"]
+    distinct: list[int] = []
+    index = []
+    for row in range(volumes.shape[0]):
+        same = next((k for k, d in enumerate(distinct) if torch.equal(volumes[d], volumes[row])), None)
+        if same is None:
+            distinct.append(row)
+            same = len(distinct) - 1
+        index.append(same)
+    if len(distinct) == volumes.shape[0]:
+        return batch
+    return {**batch, "volumes": volumes[distinct], "volume_index": torch.tensor(index, dtype=torch.long)}

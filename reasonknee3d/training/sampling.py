@@ -83,3 +83,35 @@ class GradeBalancedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
+
+
+class VolumeGroupedSampler(Sampler[int]):
+    """Every index once per epoch, questions of the same volume next to each other in groups of up to ``group_size``.
+
+    Each volume's questions are shuffled and cut into groups; the groups are shuffled. Consecutive indices, hence
+    the questions within a batch, then often share a volume, which the 3D model encodes once. Seeded from ``seed``
+    and the epoch, like ``GradeBalancedSampler``, so every process draws the same order.
+    """
+
+    def __init__(self, volume_keys: Sequence[str], group_size: int, seed: int) -> None:
+        if group_size < 1 or not len(volume_keys):
+            raise ValueError(f"need volume keys and group_size >= 1, got {len(volume_keys)} keys, group_size {group_size}")
+        self.members: dict[str, list[int]] = {}
+        for i, key in enumerate(volume_keys):
+            self.members.setdefault(str(key), []).append(i)
+        self.n, self.group_size, self.seed, self.epoch = len(volume_keys), int(group_size), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        groups = []
+        for idx in self.members.values():
+            order = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            groups += [order[k:k + self.group_size] for k in range(0, len(order), self.group_size)]
+        for j in torch.randperm(len(groups), generator=g).tolist():
+            yield from groups[j]

@@ -6,6 +6,10 @@ layers matched by a regex anchored on the language model's path (Qwen's vision b
 ``gate_proj/up_proj/down_proj``, so bare names would put LoRA on them too). Under peft, ``full`` modules
 become ``modules_to_save`` and the rows of added tokens become ``trainable_token_indices``: the adapter
 then holds everything that trained, which is what Trainer's resume and ``from_pretrained`` reload.
+
+Every parameter that trains ends up float32 (``models.precision``): frozen weights keep the configured dtype,
+and Trainer's ``bf16`` flag autocasts the arithmetic. The rows of added tokens use a layer that does not copy
+the embedding matrix on each forward (``models.token_rows``).
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..config import MODULE_ROLES, TrainConfig
+from ..models.precision import keep_trainable_in_fp32
+from ..models.token_rows import gather_token_rows
 
 ModulePaths = Mapping[str, Sequence[str]]
 
@@ -58,7 +64,7 @@ def setup_trainable(model: nn.Module, train: TrainConfig, module_paths: ModulePa
 
     ``module_paths`` maps each role to the dotted module names it covers (the language model role also
     lists ``lm_head`` so ``full`` trains the output layer). ``new_token_ids`` are the rows of added tokens,
-    trained when ``train.new_token_rows`` is set.
+    trained when ``train.new_token_rows`` is set. Trainable parameters are cast to float32.
     """
     paths = _resolve(model, module_paths)
     modes = train.modes()
@@ -69,6 +75,7 @@ def setup_trainable(model: nn.Module, train: TrainConfig, module_paths: ModulePa
         for path in paths[role]:
             model.get_submodule(path).requires_grad_(modes[role] == "full")
     if modes["language_model"] != "lora":
+        keep_trainable_in_fp32(model)
         return model
 
     full = [p for role in MODULE_ROLES if modes[role] == "full" for p in paths[role]]
@@ -95,6 +102,10 @@ def setup_trainable(model: nn.Module, train: TrainConfig, module_paths: ModulePa
     peft_model = get_peft_model(model, config)
     if not any("lora_" in n for n, _ in peft_model.named_parameters()):
         raise ValueError(f"train.lora.targets {train.lora.targets} matched no layer under {paths['language_model']}")
+    # peft casts LoRA and token rows to float32 (autocast_adapter_dtype); the copies of full modules
+    # (modules_to_save) keep the base dtype unless cast here.
+    keep_trainable_in_fp32(peft_model)
+    gather_token_rows(peft_model)
     return peft_model
 
 

@@ -37,7 +37,7 @@ from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_chec
 from ..config import TrainConfig
 from ..families import ExperimentConfig, get_family, save_experiment_config
 from .losses import CoordinateSmoothedLoss, answer_logits_only, takes_logits_to_keep
-from .sampling import GradeBalancedSampler, grade_balance_weights
+from .sampling import GradeBalancedSampler, VolumeGroupedSampler, grade_balance_weights
 from .stages import describe_trainable, setup_trainable, unwrap_base
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,10 @@ class ReasonKneeTrainer(Trainer):
         self._step_losses: list[torch.Tensor] = []
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        group = self.experiment.train.volume_grouping
+        samples = getattr(self.train_dataset, "samples", None)
+        if group > 1 and samples is not None:
+            return VolumeGroupedSampler([s.volume_id for s in samples], group, seed=self.args.seed)
         if self.train_weights is not None:
             return GradeBalancedSampler(self.train_weights, seed=self.args.seed)
         if self.train_lengths is not None:

@@ -112,3 +112,26 @@ def test_trainer_draws_the_rare_grade_as_often_as_the_rest(tmp_path: Path, power
                  family=family)
     assert 80 <= sum(family.dataset.reads.values()) <= 84
     assert low <= family.dataset.reads[5] <= high
+
+
+def test_volume_grouped_sampler_keeps_every_index_and_groups_volumes():
+    from reasonknee3d.training.sampling import VolumeGroupedSampler
+    keys = [f"v{i % 3}" for i in range(14)]  # v0: 5 questions, v1: 5, v2: 4
+    sampler = VolumeGroupedSampler(keys, group_size=2, seed=1)
+    order = list(sampler)
+    assert sorted(order) == list(range(14))
+    # Groups of up to 2 of one volume: 3 + 3 + 2 = 8 groups, so at most 7 volume changes along the order.
+    changes = sum(keys[a] != keys[b] for a, b in zip(order, order[1:]))
+    assert changes <= 7
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(14))
+
+
+def test_group_volumes_merges_only_identical_inputs():
+    from reasonknee3d.families.threed import group_volumes
+    a, b = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    batch = {"input_ids": torch.zeros(4, 2, dtype=torch.long), "volumes": torch.stack([a, b, a, b + 1e-3])}
+    out = group_volumes(batch)
+    assert out["volume_index"].tolist() == [0, 1, 0, 2]
+    assert torch.equal(out["volumes"][out["volume_index"]], batch["volumes"])
+    assert group_volumes({"volumes": torch.stack([a, b])}).keys() == {"volumes"}

@@ -8,6 +8,7 @@ from the prompt and advanced by one per generated token on every axis.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import re
@@ -25,6 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
 from ...constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
+from ..precision import autocast_like
 from ..tiny_qwen import default_tiny_qwen_dir
 from .configuration_reasonknee3d import ReasonKnee3DConfig, ReasonKnee3DModelArgs
 from .encoders import EncoderConfig, build_encoder, init_encoder_from_files
@@ -32,6 +34,16 @@ from .projectors import ProjectorConfig, build_projector
 from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
 
 Grid = tuple[int, int, int]
+
+# transformers renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` during 5.x and warns
+# (FutureWarning) on the old name; the models here accept both names and pass on the one the installed version uses.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2_5_VLTextModel.forward).parameters else "past_key_values"
+
+
+def _cache_arg(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as one of cache and past_key_values, not both")
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -61,6 +73,19 @@ class ReasonKnee3DPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # The encoder's own block joins this list when the model is built (transformers collects the children's).
     _no_split_modules = ["Qwen2_5_VLDecoderLayer"]
+    # The parts trained from scratch stay float32 under a bfloat16 language model (master weights that small
+    # updates do not round away; models/precision.py), also when a bfloat16 folder is loaded.
+    _keep_in_fp32_modules_strict = ["encoder", "projector", "region_projector"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The language model's dtype: the model's configured dtype (``save_pretrained`` writes it to config.json,
+        ``from_pretrained`` loads in it), whatever the float32 encoder and projectors hold."""
+        owner = self if hasattr(self, "language_model") else getattr(self, "model", None)
+        lm = getattr(owner, "language_model", None)
+        if lm is None:
+            return super().dtype
+        return next(p.dtype for p in lm.parameters() if p.is_floating_point())
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -91,8 +116,13 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
 
     def get_volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
         """``(B, 1, S, H, W)`` volumes -> ``(B, N, text_hidden)`` language-model embeddings in grid order."""
-        features, grid = self.encoder(volumes)
-        return self.projector(features, grid)
+        with self._encoder_autocast(volumes.device):
+            features, grid = self.encoder(volumes)
+            return self.projector(features, grid)
+
+    def _encoder_autocast(self, device: torch.device) -> Any:
+        """The float32 encoder and projectors compute in the language model's half dtype on GPU."""
+        return autocast_like(self.language_model.norm.weight.dtype, device)
 
     def bin_of_id(self, device: torch.device) -> torch.Tensor:
         """``(vocab,)`` lookup: the bin of each coordinate token id, -1 for every other id."""
@@ -126,14 +156,15 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
                 # Keep the region projector in the graph: DDP expects a gradient for every parameter.
                 inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.region_projector.parameters())
             return inputs_embeds + carried[:, None].to(inputs_embeds.dtype), carried
-        if volumes is None or volumes.shape[0] != batch:
-            got = "no volumes" if volumes is None else f"{volumes.shape[0]} volumes"
+        if volumes is None or len(volumes) != batch:
+            got = "no volumes" if volumes is None else f"{len(volumes)} volumes"
             raise ValueError(f"the region look needs one volume per row to read the boxes this input closes: got "
                              f"{got} for {batch} rows (pass volumes, or region_volumes in cached steps)")
         crops = crop_regions(volumes[rows], bins, self.config.num_bins, self.config.region_size)
-        features, _ = self.encoder(crops)  # (n, P, C_enc)
-        added, last = spread_regions(rows, cols, self.region_projector(features), length,
-                                     carried.to(inputs_embeds.dtype))
+        with self._encoder_autocast(crops.device):
+            features, _ = self.encoder(crops)  # (n, P, C_enc)
+            region = self.region_projector(features)
+        added, last = spread_regions(rows, cols, region, length, carried.to(inputs_embeds.dtype))
         return inputs_embeds + added, last
 
     def get_rope_index(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
@@ -198,12 +229,22 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         region_volumes: torch.Tensor | None = None,
         context_ids: torch.LongTensor | None = None,
         region_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        volume_index: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> ReasonKnee3DModelOutputWithPast:
         """Cached generation steps of a model with the region look (``region.py``) also take
         ``region_volumes`` (the volumes, which ``volumes`` only brings to the prefill), ``context_ids`` (the
         whole sequence of which ``input_ids`` are the last columns) and ``region_embeds`` (B, C: the feature
-        in force from earlier steps, the previous output's ``region_embeds``)."""
+        in force from earlier steps, the previous output's ``region_embeds``). The KV cache comes as ``cache`` or
+        (the older name) ``past_key_values``.
+
+        ``volume_index`` (B,) groups questions about the same volume: ``volumes`` then holds each distinct volume
+        once and row ``b`` reads ``volumes[volume_index[b]]``, so the encoder runs once per volume; features, loss
+        and gradients are those of the batch with every row's volume repeated."""
+        past_key_values = _cache_arg(cache, past_key_values)
+        if volume_index is not None and volumes is None:
+            raise ValueError("volume_index needs volumes (one per distinct volume)")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -212,7 +253,9 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         if volumes is not None:
             if input_ids is None:
                 raise ValueError("volumes need input_ids: features are spliced at the <|volume_pad|> token ids")
-            features = self.get_volume_features(volumes)  # (B, N, C)
+            features = self.get_volume_features(volumes)  # (B, N, C), or (U, N, C) with volume_index
+            if volume_index is not None:
+                features = features[volume_index.to(features.device)]
             mask = input_ids == self.config.volume_token_id  # (B, L)
             n_tokens, n_features = int(mask.sum()), features.shape[0] * features.shape[1]
             if n_tokens != n_features:
@@ -222,6 +265,9 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds),
                                                          features.to(inputs_embeds.dtype))
         region_source = volumes if volumes is not None else region_volumes
+        if volume_index is not None and region_source is not None:
+            # Crops are per box: each row's crop is read from its own volume through the index, without copies.
+            region_source = _RowVolumes(region_source, volume_index)
         if self.region_projector is not None and input_ids is not None and (
                 region_source is not None or region_embeds is not None):
             inputs_embeds, region_embeds = self.add_region_features(input_ids, inputs_embeds, region_source,
@@ -235,12 +281,25 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
             elif self.rope_deltas is not None:
                 position_ids = self._continued_positions(inputs_embeds, attention_mask, past_length)
         outputs = self.language_model(input_ids=None, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                      use_cache=use_cache, **kwargs)
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                      **{CACHE_KWARG: past_key_values}, **kwargs)
         return ReasonKnee3DModelOutputWithPast(last_hidden_state=outputs.last_hidden_state,
-                                               past_key_values=outputs.past_key_values,
                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                               rope_deltas=rope_deltas, region_embeds=region_embeds)
+                                               rope_deltas=rope_deltas, region_embeds=region_embeds,
+                                               **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)})
+
+
+class _RowVolumes:
+    """One volume per row, read from distinct ``volumes`` through ``index`` (B,) without stacking copies."""
+
+    def __init__(self, volumes: torch.Tensor, index: torch.LongTensor) -> None:
+        self.volumes, self.index = volumes, index.to(volumes.device)
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.volumes[self.index[rows.to(self.index.device)]]
 
 
 class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, GenerationMixin):
@@ -277,6 +336,7 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> ReasonKnee3DCausalLMOutputWithPast:
         """``volumes``: ``(B, 1, S, H, W)`` float, one per sample, in the order of their placeholder blocks.
@@ -284,7 +344,7 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         ``labels`` use ``IGNORE_INDEX`` for positions without loss and are shifted inside the loss.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, volumes=volumes,
-                             position_ids=position_ids, past_key_values=past_key_values,
+                             position_ids=position_ids, cache=_cache_arg(cache, past_key_values),
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
@@ -292,10 +352,10 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
-        return ReasonKnee3DCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                                  hidden_states=outputs.hidden_states,
+        return ReasonKnee3DCausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                                   attentions=outputs.attentions, rope_deltas=outputs.rope_deltas,
-                                                  region_embeds=outputs.region_embeds)
+                                                  region_embeds=outputs.region_embeds,
+                                                  **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)})
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -312,11 +372,11 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
                                                                       grid)
         return positions
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Cache | None = None,
-                                      volumes: torch.Tensor | None = None, is_first_iteration: bool = False,
-                                      **kwargs: Any) -> dict[str, Any]:
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
-                                                             is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, volumes: torch.Tensor | None = None,
+                                      is_first_iteration: bool = False, **kwargs: Any) -> dict[str, Any]:
+        # The KV cache stays in ``kwargs`` under whichever name this transformers version generates with.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration,
+                                                             **kwargs)
         # With a cache only the prefill sees the placeholders; later steps feed one new token each.
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["volumes"] = volumes
@@ -382,7 +442,12 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
             region_size=region_size)
         model = cls._from_config(config, attn_implementation=select_attn_implementation(attn_implementation),
                                  dtype=dtype)
-        init_encoder_from_files(model.model.encoder)
+        # _from_config, unlike from_pretrained, leaves _keep_in_fp32_modules_strict to the caller.
+        for name in cls._keep_in_fp32_modules_strict:
+            part = getattr(model.model, name, None)
+            if part is not None:
+                part.float()
+        init_encoder_from_files(model.model.encoder)  # after the cast: pretrained weights stay float32
         _load_language_model(model, path)
         init_new_embeddings(model.get_input_embeddings(), model.get_output_embeddings(),
                             list(range(old_vocab, len(tokenizer))), tokenizer)

@@ -12,7 +12,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 
@@ -131,11 +130,21 @@ class Pool3DMLPProjector(Projector):
         return tuple(g // k for g, k in zip(grid, config.pool_kernel))
 
     def forward(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
-        b, n, c = features.shape
-        x = features.transpose(1, 2).reshape(b, c, *grid)  # (B, C, D, H, W)
-        x = F.avg_pool3d(x, kernel_size=self.kernel, stride=self.kernel)
-        x = x.flatten(2).transpose(1, 2)  # (B, D'*H'*W', C)
-        return self.mlp(x)
+        return self.mlp(pool_grid(features, grid, self.kernel))
+
+
+def pool_grid(features: torch.Tensor, grid: Grid, kernel: Grid) -> torch.Tensor:
+    """Average ``(B, D*H*W, C)`` grid-order features over non-overlapping ``kernel`` windows -> ``(B, N', C)``.
+
+    The same numbers as ``F.avg_pool3d`` with stride = kernel on a divisible grid, written as a reshape and a mean
+    so that it runs in every dtype on every device (CPU has no bfloat16 ``avg_pool3d`` kernel); the mean
+    accumulates in float32 and returns the input dtype.
+    """
+    b, n, c = features.shape
+    (d, h, w), (kd, kh, kw) = grid, kernel
+    x = features.reshape(b, d // kd, kd, h // kh, kh, w // kw, kw, c)
+    pooled = x.mean(dim=(2, 4, 6), dtype=torch.float32).to(features.dtype)  # (B, D', H', W', C)
+    return pooled.reshape(b, -1, c)
 
 
 def build_projector(config: ProjectorConfig, in_dim: int, out_dim: int) -> Projector:

@@ -16,6 +16,7 @@ import torch
 
 from ...attention import select_attn_implementation
 from ...constants import COORD_TOKEN_FORMAT
+from ..precision import restore_adapter_precision
 from ..tokens import add_box_tokens_to_model
 from .configuration_slice import DTYPES, SLICE_CONFIG_ATTR, SliceBaselineConfig, as_slice_config, base_model_dir
 from .features import CachedFeatures, SliceFeatureCache, base_model, compute_video_features
@@ -67,6 +68,7 @@ def load_slice_model(model_dir: str | os.PathLike, attn_implementation: str = "a
         raise ValueError(f"{path}: config.json has no {SLICE_CONFIG_ATTR!r}; not a slice model folder")
     cfg = SliceBaselineConfig.from_dict(raw, where=f"{path}/config.json:{SLICE_CONFIG_ATTR}")
     model, processor = _load_pretrained(path, DTYPES[cfg.dtype], attn_implementation)
+    restore_adapter_precision(model, path)  # LoRA and token rows come back float32, as they were saved
     return model, configure_processor(processor, cfg)
 
 
