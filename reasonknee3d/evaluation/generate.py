@@ -6,7 +6,7 @@ caller mirrors them back for volumes seen mirrored).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers.utils import ModelOutput
@@ -28,11 +28,14 @@ def to_device(obj: Any, device: torch.device) -> Any:
 @torch.no_grad()
 def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, Any], question_ids: Sequence[int],
                      orig_shapes: Sequence[Sequence[int]], require_box: Sequence[bool] | bool = True,
-                     constrained: bool = True, max_new_tokens: int = 512) -> list[str]:
+                     constrained: bool = True, max_new_tokens: int = 512,
+                     decode: Optional[Callable[[torch.Tensor], list[str]]] = None) -> list[str]:
     """Answer texts for one left-padded generation batch.
 
     ``constrained`` adds the box and severity logits processors (``models.generation``), so every answer of a
-    trained model parses; zero-shot models, which never saw the box tokens, decode unconstrained.
+    trained model parses; zero-shot models, which never saw the box tokens, decode unconstrained. The generated
+    ids (prompt removed) become text through ``family.decode`` (boxes back in each volume's voxels), or through
+    ``decode`` when given (then ``family`` may be None for an unconstrained run).
     """
     tokenizer = processor.tokenizer
     processors = None
@@ -44,4 +47,6 @@ def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, A
     generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                logits_processor=processors, pad_token_id=tokenizer.pad_token_id)
     width = batch["input_ids"].shape[1]
+    if decode is not None:
+        return decode(generated[:, width:].cpu())
     return family.decode(model, processor, generated[:, width:].cpu(), orig_shapes)

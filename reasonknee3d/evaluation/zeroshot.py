@@ -307,14 +307,43 @@ def run_openai(samples: Sequence[Any], writer: PredictionWriter, client: OpenAIC
     return written, failed
 
 
-def run_hf(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os.PathLike,
-           prompt_fn: Callable[[Any, Sequence[int]], str], cfg: Any, setting: str, batch_size: int = 1,
-           max_new_tokens: int = 1024, attn_implementation: str = "auto") -> tuple[int, dict[str, str]]:
-    """Greedy generation with a local Qwen2-VL / Qwen2.5-VL checkpoint, slices as a video."""
+def _load_hf(model_dir: str | os.PathLike, attn_implementation: str) -> tuple[Any, Any]:
+    """A local Qwen2-VL / Qwen2.5-VL checkpoint and its processor: bf16 on a GPU, float32 on the CPU."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..attention import select_attn_implementation
+
+    cuda = torch.cuda.is_available()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
+        attn_implementation=select_attn_implementation(attn_implementation))
+    return model.to("cuda" if cuda else "cpu").eval(), processor
+
+
+def _run_batches(samples: Sequence[Any], writer: PredictionWriter, name: str, setting: str, batch_size: int,
+                 answer: Callable[[list[Any]], list[str]]) -> tuple[int, dict[str, str]]:
+    """``answer`` each chunk of ``batch_size`` samples and write the replies; a failing chunk is reported (and
+    retried by a rerun), the others go on."""
+    written, failed = 0, {}
+    for start in range(0, len(samples), batch_size):
+        chunk = list(samples[start:start + batch_size])
+        try:
+            texts = answer(chunk)
+        except Exception as e:  # a bad volume fails its batch only; it is reported and retried on rerun
+            for s in chunk:
+                failed[s.sample_id] = f"{type(e).__name__}: {e}"
+            logger.warning("batch starting at %s failed: %s", chunk[0].sample_id, e)
+            continue
+        written += writer.write_all(_row(s, t, "hf", name, setting) for s, t in zip(chunk, texts))
+    return written, failed
+
+
+def run_hf(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os.PathLike,
+           prompt_fn: Callable[[Any, Sequence[int]], str], cfg: Any, setting: str, batch_size: int = 1,
+           max_new_tokens: int = 1024, attn_implementation: str = "auto") -> tuple[int, dict[str, str]]:
+    """Greedy generation with a local Qwen2-VL / Qwen2.5-VL checkpoint, slices as a video (package preset)."""
     from ..data.io import inspect_volume
     from ..families import get_family
     from ..families.slice import slice_predict_collate
@@ -322,14 +351,8 @@ def run_hf(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os
     from ..models.slice.processing_slice import SliceCollator, configure_processor, crop_to_box
     from .generate import generate_answers
 
-    cuda = torch.cuda.is_available()
-    processor = configure_processor(AutoProcessor.from_pretrained(model_dir), cfg)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-        attn_implementation=select_attn_implementation(attn_implementation))
-    if cuda:
-        model.to("cuda")
-    model.eval()
+    model, processor = _load_hf(model_dir, attn_implementation)
+    configure_processor(processor, cfg)
     # A stock checkpoint read through the slice family's decoding: its frame settings are the zero-shot ones.
     setattr(model.config, SLICE_CONFIG_ATTR, cfg.to_dict())
     family = get_family("slice")
@@ -344,66 +367,41 @@ def run_hf(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os
 
     collate = slice_predict_collate(SliceCollator(processor, cfg, train=False, prompt_fn=sample_prompt,
                                                   crop=setting == "gt-crop"))
-    written, failed = 0, {}
-    name = str(model_dir)
-    for start in range(0, len(samples), batch_size):
-        chunk = list(samples[start:start + batch_size])
-        try:
-            batch, infos = collate(chunk)
-            texts = generate_answers(model, processor, family, batch, [i.question_id for i in infos],
-                                     [i.orig_shape for i in infos], constrained=False, max_new_tokens=max_new_tokens)
-        except Exception as e:  # a bad volume fails its batch only; it is reported and retried on rerun
-            for s in chunk:
-                failed[s.sample_id] = f"{type(e).__name__}: {e}"
-            logger.warning("batch starting at %s failed: %s", chunk[0].sample_id, e)
-            continue
-        written += writer.write_all(_row(s, t, "hf", name, setting) for s, t in zip(chunk, texts))
-    return written, failed
+
+    def answer(chunk: list[Any]) -> list[str]:
+        batch, infos = collate(chunk)
+        return generate_answers(model, processor, family, batch, [i.question_id for i in infos],
+                                [i.orig_shape for i in infos], constrained=False, max_new_tokens=max_new_tokens)
+    return _run_batches(samples, writer, str(model_dir), setting, batch_size, answer)
 
 
 def run_hf_paper(samples: Sequence[Any], writer: PredictionWriter, model_dir: str | os.PathLike,
                  prompt_fn: Callable[[Any, Sequence[int]], str], setting: str, crop_margin: int = 4,
                  batch_size: int = 1, max_new_tokens: int = 1024,
                  attn_implementation: str = "auto") -> tuple[int, dict[str, str]]:
-    """The paper preset's hf runner: ``paper_video_frames`` through ``paper_hf_inputs``, greedy decoding."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from ..attention import select_attn_implementation
+    """The paper preset's hf runner: ``paper_video_frames`` through ``paper_hf_inputs``, greedy decoding, the
+    reply decoded as the published script does (special tokens skipped)."""
     from ..data.io import load_volume
     from ..models.slice.processing_slice import crop_to_box
+    from .generate import generate_answers
 
-    cuda = torch.cuda.is_available()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-        attn_implementation=select_attn_implementation(attn_implementation))
-    model.to("cuda" if cuda else "cpu").eval()
-    written, failed, name = 0, {}, str(model_dir)
-    for start in range(0, len(samples), batch_size):
-        chunk = list(samples[start:start + batch_size])
-        try:
-            videos, texts = [], []
-            for s in chunk:
-                volume, _ = load_volume(s.image_path)
-                if setting == "gt-crop":
-                    if s.box is None:
-                        raise ZeroShotError(f"sample {s.sample_id}: gt-crop needs a reference box, the sample has none")
-                    volume = crop_to_box(volume, s.box, crop_margin)
-                videos.append(paper_video_frames(volume))
-                texts.append(prompt_fn(s, volume.shape))
-            batch = paper_hf_inputs(processor, videos, texts).to(model.device)
-            with torch.no_grad():
-                gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=processor.tokenizer.pad_token_id)
-            outs = processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        except Exception as e:  # a bad volume fails its batch only; it is reported and retried on rerun
-            for s in chunk:
-                failed[s.sample_id] = f"{type(e).__name__}: {e}"
-            logger.warning("batch starting at %s failed: %s", chunk[0].sample_id, e)
-            continue
-        written += writer.write_all(_row(s, t, "hf", name, setting) for s, t in zip(chunk, outs))
-    return written, failed
+    model, processor = _load_hf(model_dir, attn_implementation)
+
+    def answer(chunk: list[Any]) -> list[str]:
+        videos, texts = [], []
+        for s in chunk:
+            volume, _ = load_volume(s.image_path)
+            if setting == "gt-crop":
+                if s.box is None:
+                    raise ZeroShotError(f"sample {s.sample_id}: gt-crop needs a reference box, the sample has none")
+                volume = crop_to_box(volume, s.box, crop_margin)
+            videos.append(paper_video_frames(volume))
+            texts.append(prompt_fn(s, volume.shape))
+        batch = dict(paper_hf_inputs(processor, videos, texts))
+        return generate_answers(model, processor, None, batch, [s.question_id for s in chunk], [], constrained=False,
+                                max_new_tokens=max_new_tokens,
+                                decode=lambda ids: processor.batch_decode(ids, skip_special_tokens=True))
+    return _run_batches(samples, writer, str(model_dir), setting, batch_size, answer)
 
 
 def run_zeroshot(backend: str, model: str, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
