@@ -6,7 +6,9 @@ their library module lazily, so light commands (``score``, ``export-references``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import typing
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -23,13 +25,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .data.synth import write_synthetic_release
-        try:
-            summary = write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed,
-                                              overwrite=a.overwrite)
-        except (ValueError, OSError) as e:
-            print(f"reasonknee3d synth: {e}", file=sys.stderr)
-            return 2
-        print(summary)
+        print(write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed,
+                                      overwrite=a.overwrite))
         return 0
     p.set_defaults(func=run)
 
@@ -79,11 +76,7 @@ def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .data.dicom import convert_dicom
-        try:
-            print(convert_dicom(a.dicom_dir, a.out))
-        except (ValueError, OSError) as e:  # DicomSeriesError names the file and tag
-            print(f"reasonknee3d convert-dicom: {e}", file=sys.stderr)
-            return 2
+        print(convert_dicom(a.dicom_dir, a.out))  # DicomSeriesError names the file and tag
         return 0
     p.set_defaults(func=run)
 
@@ -119,13 +112,8 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     _add_location_options(p)
 
     def run(a: argparse.Namespace) -> int:
-        from .config import ConfigError
         from .families import get_family, load_experiment_config
-        try:
-            exp = load_experiment_config(a.config, _location_overrides(a))
-        except ConfigError as e:
-            print(f"reasonknee3d preprocess: {e}", file=sys.stderr)
-            return 2
+        exp = load_experiment_config(a.config, _location_overrides(a))
         return _report_batch(get_family(exp.family).preprocess(exp, a.data, a.splits))
     p.set_defaults(func=run)
 
@@ -141,12 +129,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .evaluation.report import render_summary
-        from .evaluation.score import ScoreInputError, score_files
-        try:
-            report = score_files(a.predictions, a.references, a.out, a.majority_source, plots=not a.no_plots)
-        except (ScoreInputError, OSError) as e:
-            print(f"reasonknee3d score: {e}", file=sys.stderr)
-            return 2
+        from .evaluation.score import score_files
+        report = score_files(a.predictions, a.references, a.out, a.majority_source, plots=not a.no_plots)
         for msg in report["input_issues"]:
             print(f"warning: {msg}", file=sys.stderr)
         print(render_summary(report))
@@ -164,15 +148,9 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_bins=32")
 
     def run(a: argparse.Namespace) -> int:
-        from .config import ConfigError
         from .families import get_family, load_experiment_config
-        try:
-            exp = load_experiment_config(a.config, a.overrides)
-            out = get_family(exp.family).init(exp, a.out, overwrite=a.overwrite)
-        except (ConfigError, ValueError, OSError) as e:
-            print(f"reasonknee3d init: {e}", file=sys.stderr)
-            return 2
-        print(out)
+        exp = load_experiment_config(a.config, a.overrides)
+        print(get_family(exp.family).init(exp, a.out, overwrite=a.overwrite))
         return 0
     p.set_defaults(func=run)
 
@@ -207,16 +185,12 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024, help="hf: generation budget")
 
     def run(a: argparse.Namespace) -> int:
-        from .evaluation.zeroshot import ZeroShotError, run_zeroshot
-        try:
-            res = run_zeroshot(a.backend, a.model, a.data, a.split, a.out, setting=a.setting, base_url=a.base_url,
-                               limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
-                               timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
-                               max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key,
-                               preset=a.preset, images=a.images)
-        except (ValueError, OSError, ZeroShotError) as e:
-            print(f"reasonknee3d zeroshot: {e}", file=sys.stderr)
-            return 2
+        from .evaluation.zeroshot import run_zeroshot
+        res = run_zeroshot(a.backend, a.model, a.data, a.split, a.out, setting=a.setting, base_url=a.base_url,
+                           limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
+                           timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
+                           max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key,
+                           preset=a.preset, images=a.images)
         print(f"{res.n_written} written, {res.n_skipped_done} already done, {len(res.failed)} failed "
               f"of {res.n_samples} -> {res.out}")
         for sid, err in res.failed.items():
@@ -240,7 +214,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         import json
         import logging
 
-        from .config import ConfigError
         from .families import load_experiment_config
         from .training.trainer import NonFiniteTrainingError, run_training
         flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
@@ -248,14 +221,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         # JSON-quoted: a path stays a string even when YAML would read it as a number or a mapping.
         overrides = ([f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + _location_overrides(a)
                      + list(a.overrides))
+        exp = load_experiment_config(a.config, overrides)  # config errors before any log output
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
-            result = run_training(load_experiment_config(a.config, overrides))
-        except (ConfigError, FileNotFoundError) as e:
-            print(f"reasonknee3d train: {e}", file=sys.stderr)
-            return 2
-        except NonFiniteTrainingError as e:
-            print(f"reasonknee3d train: {e}", file=sys.stderr)
+            result = run_training(exp)
+        except NonFiniteTrainingError as e:  # the run's data or settings diverged: not a usage error
+            _print_error("train", e)
             return 1
         resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
         print(f"trained to step {result.global_step}{resumed}: {result.final_dir}"
@@ -279,13 +250,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .evaluation.predict import predict
-        try:
-            res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
-                          constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
-                          cache_dir=a.cache_dir)
-        except (ValueError, OSError) as e:
-            print(f"reasonknee3d predict: {e}", file=sys.stderr)
-            return 2
+        res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
+                      constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
+                      cache_dir=a.cache_dir)
         print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
               f"-> {res.out}")
         if res.skipped:
@@ -330,12 +297,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .demo import run_demo
-        from .io_utils import OutputDirError
-        try:
-            run_demo(a.out, quick=a.quick, overwrite=a.overwrite)
-        except OutputDirError as e:
-            print(f"reasonknee3d demo: {e}", file=sys.stderr)
-            return 2
+        run_demo(a.out, quick=a.quick, overwrite=a.overwrite)
         return 0
     p.set_defaults(func=run)
 
@@ -353,9 +315,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         import logging
 
         from .bench import print_table, run_bench
-        if a.repeats is not None and a.repeats < 1:
-            print(f"reasonknee3d bench: --repeats must be >= 1, got {a.repeats}", file=sys.stderr)
-            return 2
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         result = run_bench(a.out, repeats=a.repeats, quick=a.quick)
         print_table(result)
@@ -384,17 +343,103 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+DEBUG_ENV = "REASONKNEE3D_DEBUG"
+"""``REASONKNEE3D_DEBUG=1`` does what ``--debug`` does: errors raise with their traceback."""
+DEBUG_HELP = (f"show the full traceback of an error instead of the one-line message (also: {DEBUG_ENV}=1)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one line ``<prog>: error: <message>`` (no usage block), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: its lines joined with ' | ', surrounding blanks dropped."""
+    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _describe(exc: BaseException) -> str:
+    """The message of a user-input error; OSError without a package message reads 'what: path'."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None and str(exc).startswith("[Errno"):
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        hint = {FileNotFoundError: "; check the path", PermissionError: "; check the permissions",
+                IsADirectoryError: "; a file was expected", NotADirectoryError: "; a folder was expected"}
+        return f"{exc.strerror}: {where}" + next((h for t, h in hint.items() if isinstance(exc, t)), "")
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports bad input (a file, a path, a config key, a value) rather than a bug.
+
+    User errors: every OSError (missing or unreadable user paths, full disks, ``OutputDirError``, ``CacheMiss``);
+    ``ValueError`` subclasses defined by the package (``ConfigError``, ``ReleaseError``, ``VolumeError``,
+    ``DicomSeriesError``, ``ScoreInputError``, ``FormError`` ...); ``ZeroShotError``; and a plain ``ValueError``
+    raised by the package's own code (its argument checks). A ``ValueError`` raised inside a library
+    (numpy, torch) is a bug: the package checks its inputs before handing them over.
+    """
+    if isinstance(exc, OSError):
+        return True
+    package = __name__.split(".")[0]
+    if isinstance(exc, ValueError) and type(exc).__module__.split(".")[0] == package:
+        return True
+    from .evaluation.zeroshot import ZeroShotError
+    if isinstance(exc, ZeroShotError):
+        return True
+    if type(exc) is ValueError and exc.__traceback__ is not None:
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return False
+
+
+def _print_error(command: str, exc: BaseException) -> None:
+    print(f"reasonknee3d {command}: error: {_describe(exc)}", file=sys.stderr)
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reasonknee3d", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="reasonknee3d", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
+    for p in sub.choices.values():  # also accepted after the command name
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one command; returns its exit status.
+
+    0 done; 1 done with skipped items (listed), or an unexpected error (a bug: one line naming the exception);
+    2 bad input (bad file, path, config or value: one line ``reasonknee3d <command>: error: ...``); 130
+    interrupted. With ``--debug`` or ``REASONKNEE3D_DEBUG=1`` errors raise with their traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error already printed (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.debug or _debug_from_env():
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"reasonknee3d {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error ends as one line; --debug shows the traceback
+        if is_user_error(e):
+            _print_error(args.command, e)
+            return 2
+        print(f"reasonknee3d {args.command}: error: unexpected {type(e).__module__}.{type(e).__qualname__}: "
+              f"{_describe(e)} (a bug; rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""Run every command of the `reasonknee3d` command line on bad input and tabulate what it answers.
+
+Each case is one command with one bad input (a missing file, a malformed file, a bad value, a bad config key,
+an output folder the command did not write). A case passes when the command exits with status 2 and prints
+exactly one line to stderr, ``reasonknee3d <command>: error: ...``, with no traceback. The script also counts
+what the goal is to never see:
+
+- tracebacks: any ``Traceback`` in the output;
+- silent wrong results: a bad input accepted (exit status 0);
+- data lost: a file the cases' fixtures held before the run that is changed or gone after it.
+
+    python scripts/bad_input_table.py [--out docs/hardening.md]
+
+writes the Markdown table (default: print it). ``tests/test_cli_errors.py`` runs the same cases.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str
+    """The subcommand (the first element of ``argv``)."""
+    what: str
+    """The bad input, in words."""
+    argv: tuple[str, ...]
+    """Arguments after ``reasonknee3d``; ``{tmp}`` is replaced by the fixtures folder."""
+
+    def resolved(self, tmp: Path) -> list[str]:
+        return [a.replace("{tmp}", str(tmp)) for a in self.argv]
+
+
+def _c(what: str, *argv: str) -> Case:
+    return Case(argv[0], what, tuple(argv))
+
+
+CASES: tuple[Case, ...] = (
+    _c("output folder holds files synth did not write", "synth", "{tmp}/foreign", "--volumes", "2"),
+    _c("--shape below the phantom's minimum", "synth", "{tmp}/new_release", "--shape", "8", "16", "16"),
+    _c("DICOM folder missing", "convert-dicom", "{tmp}/missing_dir", "{tmp}/out.nii.gz"),
+    _c("a file in the series is not DICOM", "convert-dicom", "{tmp}/junk_dicom", "{tmp}/out.nii.gz"),
+    _c("release folder missing", "check-release", "{tmp}/missing_dir"),
+    _c("folder is not a release", "check-release", "{tmp}/foreign"),
+    _c("release folder missing", "export-references", "--data", "{tmp}/missing_dir", "--out", "{tmp}/r.jsonl"),
+    _c("unknown --split", "export-references", "--data", "{tmp}/foreign", "--split", "dev", "--out",
+       "{tmp}/r.jsonl"),
+    _c("unknown preset name", "preprocess", "--data", "{tmp}/foreign", "--config", "tiny_4d"),
+    _c("config YAML with an unknown key", "preprocess", "--data", "{tmp}/foreign", "--config", "{tmp}/bad_key.yaml"),
+    _c("unknown config key", "init", "--config", "tiny_3d", "--out", "{tmp}/init_out", "model.nope=1"),
+    _c("config value of the wrong type", "init", "--config", "tiny_3d", "--out", "{tmp}/init_out",
+       "model.num_bins=abc"),
+    _c("output folder holds files init did not write", "init", "--config", "tiny_3d", "--out", "{tmp}/foreign"),
+    _c("unknown config key", "train", "--config", "tiny_3d", "--data", "{tmp}/foreign", "train.nope=3"),
+    _c("non-finite learning rate", "train", "--config", "tiny_3d", "--data", "{tmp}/foreign",
+       "train.learning_rate=.inf"),
+    _c("config YAML that is not a mapping", "train", "--config", "{tmp}/list.yaml"),
+    _c("model folder missing", "predict", "--model", "{tmp}/missing_dir", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/p.jsonl"),
+    _c("release folder missing", "zeroshot", "--backend", "hf", "--model", "{tmp}/missing_dir", "--data",
+       "{tmp}/missing_dir", "--out", "{tmp}/p.jsonl"),
+    _c("unknown --backend", "zeroshot", "--backend", "vllm", "--model", "m", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/p.jsonl"),
+    _c("references file missing", "score", "--predictions", "{tmp}/bad_preds.jsonl", "--references",
+       "{tmp}/missing.jsonl", "--out", "{tmp}/score_out"),
+    _c("references line with an unknown question id", "score", "--predictions", "{tmp}/bad_preds.jsonl",
+       "--references", "{tmp}/refs_bad_question.jsonl", "--out", "{tmp}/score_out"),
+    _c("volume file missing", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/missing.nii.gz",
+       "--question-id", "1"),
+    _c("volume is not NIfTI", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/not_nifti.nii.gz",
+       "--question-id", "1"),
+    _c("output folder holds files demo did not write", "demo", "--out", "{tmp}/foreign"),
+    _c("--out is a file", "demo", "--out", "{tmp}/refs.jsonl"),
+    _c("--repeats not a number", "bench", "--repeats", "three"),
+)
+"""Every command with at least one bad input; fixtures come from ``make_fixtures``."""
+
+
+def make_fixtures(tmp: Path) -> Path:
+    """Write the files the cases name under ``tmp`` (a folder of the user's, bad inputs, valid references)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "foreign").mkdir(exist_ok=True)
+    (tmp / "foreign" / "notes.txt").write_text("the user's own file: no command may change or delete it\n")
+    (tmp / "junk_dicom").mkdir(exist_ok=True)
+    (tmp / "junk_dicom" / "IM0001").write_bytes(b"not a DICOM file\n")
+    (tmp / "not_nifti.nii.gz").write_bytes(b"not a NIfTI volume\n")
+    (tmp / "bad_key.yaml").write_text("family: 3d\nmodel:\n  nope: 1\n")
+    (tmp / "list.yaml").write_text("- family\n- 3d\n")
+    (tmp / "bad_preds.jsonl").write_text('{"sample_id": "s1", "output": \n')
+    (tmp / "refs.jsonl").write_text(json.dumps({"sample_id": "s1", "question_id": 30, "box": [1, 2, 1, 2, 1, 2],
+                                                "severity": {"grade": 1}}) + "\n")
+    (tmp / "refs_bad_question.jsonl").write_text(json.dumps({"sample_id": "s1", "question_id": 99, "box": None,
+                                                             "severity": {"grade": 1}}) + "\n")
+    return tmp
+
+
+def snapshot(tmp: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``tmp``."""
+    return {str(p.relative_to(tmp)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tmp.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Outcome:
+    case: Case
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return self.err.splitlines()
+
+    @property
+    def traceback(self) -> bool:
+        return "Traceback" in self.out or "Traceback" in self.err
+
+    @property
+    def ok(self) -> bool:
+        """Exit 2, one stderr line in the package's error style, no traceback."""
+        return (self.code == 2 and len(self.err_lines) == 1 and not self.traceback
+                and self.err_lines[0].startswith(f"reasonknee3d {self.case.command}: error: "))
+
+
+def run_case(case: Case, tmp: Path, main: Optional[Callable[[list[str]], int]] = None) -> Outcome:
+    """Run one case in this process, capturing stdout and stderr."""
+    if main is None:
+        from reasonknee3d.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(case.resolved(tmp))
+    return Outcome(case, code, out.getvalue(), err.getvalue())
+
+
+def markdown(outcomes: list[Outcome], lost: list[str]) -> str:
+    lines = ["| command | bad input | exit | stderr |", "|---|---|---|---|"]
+    for o in outcomes:
+        msg = " / ".join(o.err_lines) or "(nothing)"
+        lines.append(f"| `{o.case.command}` | {o.case.what} | {o.code} | `{msg.replace('|', '&#124;')}` |")
+    tracebacks = sum(o.traceback for o in outcomes)
+    silent = sum(o.code == 0 for o in outcomes)
+    failing = [o for o in outcomes if not o.ok]
+    lines += ["", f"- cases: {len(outcomes)} over {len({o.case.command for o in outcomes})} commands; "
+                  f"in the error style (exit 2, one `reasonknee3d <command>: error:` line): "
+                  f"{len(outcomes) - len(failing)}",
+              f"- tracebacks: {tracebacks}",
+              f"- silent wrong results (bad input accepted, exit 0): {silent}",
+              f"- data lost (fixture files changed or deleted): {len(lost)}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_all(tmp: Path) -> tuple[list[Outcome], list[str]]:
+    make_fixtures(tmp)
+    before = snapshot(tmp)
+    outcomes = [run_case(c, tmp) for c in CASES]
+    after = snapshot(tmp)
+    lost = [name for name, digest in before.items() if after.get(name) != digest]
+    for o in outcomes:  # paths in the table read {tmp}, not this run's temporary folder
+        o.out, o.err = o.out.replace(str(tmp), "{tmp}"), o.err.replace(str(tmp), "{tmp}")
+    return outcomes, lost
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here (default: print)")
+    a = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rk3d-bad-input-") as d:
+        outcomes, lost = run_all(Path(d) / "fixtures")
+    table = markdown(outcomes, lost)
+    if a.out is None:
+        print(table, end="")
+    else:
+        from reasonknee3d.io_utils import write_text
+        write_text(a.out, table)
+        print(f"table: {a.out}")
+    return 0 if all(o.ok for o in outcomes) and not lost else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
