@@ -15,11 +15,94 @@ from typing import Callable, Optional, Sequence
 Handler = Callable[[argparse.Namespace], int]
 
 
+# --- argument validators: bad values are refused by argparse, before any work starts -------------------------
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, counts, budgets)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (limits, retries)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds)."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def question_id(text: str) -> int:
+    """A question id of the schema (1..69), with the valid range in the message."""
+    from .schema import load_schema
+    ids = load_schema()
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in ids:
+        raise argparse.ArgumentTypeError(f"expected a question id in {min(ids)}..{max(ids)} "
+                                         f"(reasonknee3d questions lists them), got {text!r}")
+    return value
+
+
+def png_path(text: str) -> Path:
+    """An output path ending in .png (the picture is always PNG), not an existing folder."""
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"expected a file name ending in .png (the picture is written as PNG), "
+                                         f"got {text!r}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a .png file name")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An output file path that is not an existing folder (checked before the work that fills it)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file name")
+    return path
+
+
+class BoxAction(argparse.Action):
+    """``--box S0 S1 H0 H1 W0 W1``: six voxel indices >= 0 with min <= max on each axis (inclusive)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        box = [int(v) for v in values]
+        for axis, name in enumerate(("S", "H", "W")):
+            lo, hi = box[2 * axis], box[2 * axis + 1]
+            if lo < 0 or lo > hi:
+                raise argparse.ArgumentError(self, f"expected six voxel indices S0 S1 H0 H1 W0 W1 with "
+                                                   f"0 <= min <= max on each axis; {name} is {lo}..{hi}")
+        setattr(namespace, self.dest, box)
+
+
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic release in the real 3DReasonKnee layout")
     p.add_argument("out", type=Path)
-    p.add_argument("--volumes", type=int, default=16)
-    p.add_argument("--shape", type=int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"))
+    p.add_argument("--volumes", type=positive_int, default=16)
+    p.add_argument("--shape", type=positive_int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it holds an earlier synth output")
 
@@ -44,7 +127,7 @@ def _add_export_references(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-references", help="write a split's references in the scorer's JSONL format")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "train_balanced", "test_balanced"))
-    p.add_argument("--out", type=Path, required=True, help="references .jsonl")
+    p.add_argument("--out", type=output_file, required=True, help="references .jsonl")
     p.add_argument("--images", type=Path, default=None,
                    help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
 
@@ -59,8 +142,8 @@ def _add_check_release(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", type=Path, help="release root")
     p.add_argument("--images", type=Path, default=None,
                    help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    p.add_argument("--axis-check-volumes", type=int, default=8,
+    p.add_argument("--json", type=output_file, default=None, help="also write the report as JSON here")
+    p.add_argument("--axis-check-volumes", type=non_negative_int, default=8,
                    help="volumes per split whose masks are read to compare written boxes with mask boxes")
 
     def run(a: argparse.Namespace) -> int:
@@ -72,7 +155,7 @@ def _add_check_release(sub: argparse._SubParsersAction) -> None:
 def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert-dicom", help="one OAI sagittal DESS DICOM series -> NIfTI in release orientation")
     p.add_argument("dicom_dir", type=Path)
-    p.add_argument("out", type=Path, help="output .nii.gz")
+    p.add_argument("out", type=output_file, help="output .nii.gz")
 
     def run(a: argparse.Namespace) -> int:
         from .data.dicom import convert_dicom
@@ -161,7 +244,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="hf: checkpoint folder; openai: model name at the endpoint")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
-    p.add_argument("--out", type=Path, required=True, help="predictions .jsonl (appended; a rerun resumes)")
+    p.add_argument("--out", type=output_file, required=True, help="predictions .jsonl (appended; a rerun resumes)")
     p.add_argument("--setting", default="plain", choices=("plain", "guided", "gt-crop"))
     p.add_argument("--preset", default="package", choices=("package", "paper"),
                    help="package: the package's frames and prompts; paper: the published inputs (hf: every "
@@ -169,20 +252,20 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
                         "the release's questions_nobbox_* text)")
     p.add_argument("--base-url", default=None, help="openai: endpoint root, e.g. https://api.openai.com/v1 "
                                                      "(key from OPENAI_API_KEY)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
+    p.add_argument("--limit", type=non_negative_int, default=None, help="only the first N samples of the split")
     _add_location_options(p, cache=False)
-    p.add_argument("--frames", type=int, default=None, help="slices sent (default: all for hf, 32 for openai)")
-    p.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+    p.add_argument("--frames", type=positive_int, default=None, help="slices sent (default: all for hf, 32 for openai)")
+    p.add_argument("--frame-size", type=positive_int, nargs=2, default=None, metavar=("H", "W"),
                    help="pixels per slice, multiples of 28 (default: 224 224 for hf, 392 392 for openai)")
-    p.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
-    p.add_argument("--timeout", type=float, default=120.0,
+    p.add_argument("--concurrency", type=positive_int, default=4, help="openai: requests in flight")
+    p.add_argument("--timeout", type=positive_float, default=120.0,
                    help="openai: seconds per request attempt, connect to the reply's last byte")
-    p.add_argument("--max-retries", type=int, default=4, help="openai: retries on 429 / 5xx / timeouts")
+    p.add_argument("--max-retries", type=non_negative_int, default=4, help="openai: retries on 429 / 5xx / timeouts")
     p.add_argument("--allow-no-key", action="store_true",
                    help="openai: run without OPENAI_API_KEY against a remote endpoint that needs no key "
                         "(a local server never needs this)")
-    p.add_argument("--batch-size", type=int, default=1, help="hf: samples per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="hf: generation budget")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="hf: samples per generate call")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="hf: generation budget")
 
     def run(a: argparse.Namespace) -> int:
         from .evaluation.zeroshot import run_zeroshot
@@ -204,8 +287,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (family, data, model, train) or preset name")
     p.add_argument("--data", default=None, help="release root (train.data_dir)")
     p.add_argument("--output-dir", default=None, help="run folder (train.output_dir; default runs/<config stem>)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (train.max_steps)")
-    p.add_argument("--save-steps", type=int, default=None, help="steps between checkpoints (train.save_steps)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (train.max_steps)")
+    p.add_argument("--save-steps", type=positive_int, default=None, help="steps between checkpoints (train.save_steps)")
     _add_location_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.learning_rate=1e-4 model.num_bins=64")
@@ -240,10 +323,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="model folder (checkpoint-N, final, merged or init)")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
-    p.add_argument("--out", type=Path, required=True, help="predictions .jsonl (appended; a rerun resumes)")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per generate call")
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per sample")
+    p.add_argument("--out", type=output_file, required=True, help="predictions .jsonl (appended; a rerun resumes)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="samples per generate call")
+    p.add_argument("--limit", type=non_negative_int, default=None, help="only the first N samples of the split")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="generation budget per sample")
     _add_location_options(p)
     p.add_argument("--unconstrained", action="store_true",
                    help="plain greedy decoding (no box / severity logits processors)")
@@ -269,9 +352,10 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="answer one question about one volume; optional box overlay picture")
     p.add_argument("--model", type=Path, required=True, help="model folder (3D-native or slice baseline)")
     p.add_argument("--volume", type=Path, required=True, help="NIfTI volume (.nii.gz)")
-    p.add_argument("--question-id", type=int, required=True)
-    p.add_argument("--box", type=int, nargs=6, default=None, metavar="V", help="reference box to draw (voxels)")
-    p.add_argument("--png", type=Path, default=None, help="write the three-slice overlay picture here")
+    p.add_argument("--question-id", type=question_id, required=True)
+    p.add_argument("--box", type=_int, nargs=6, action=BoxAction, default=None, metavar="V",
+                   help="reference box to draw (voxels)")
+    p.add_argument("--png", type=png_path, default=None, help="write the three-slice overlay picture here")
     p.add_argument("--prompt", default=None, help="prompt text (default: the project's question wording)")
     p.add_argument("--unconstrained", action="store_true", help="plain greedy decoding, no box/JSON constraints")
     p.add_argument("--knee-side", choices=("left", "right"), default=None,
@@ -305,8 +389,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the performance figures (token ratio, step speedup, cache, scoring, "
                                      "KV cache, MFU) on this machine")
-    p.add_argument("--out", type=Path, default=None, help="write the full JSON here (default: print it)")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--out", type=output_file, default=None, help="write the full JSON here (default: print it)")
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed runs per figure after a warm-up (default: 5, training steps 3; --quick: 2)")
     p.add_argument("--quick", action="store_true", help="smoke test on the tiny configs (under a minute)")
 

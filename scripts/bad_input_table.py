@@ -50,10 +50,15 @@ def _c(what: str, *argv: str) -> Case:
 
 CASES: tuple[Case, ...] = (
     _c("output folder holds files synth did not write", "synth", "{tmp}/foreign", "--volumes", "2"),
+    _c("--volumes 0", "synth", "{tmp}/new_release", "--volumes", "0"),
+    _c("--shape with a zero size", "synth", "{tmp}/new_release", "--shape", "0", "64", "64"),
+    _c("--shape with two sizes", "synth", "{tmp}/new_release", "--shape", "32", "64"),
     _c("--shape below the phantom's minimum", "synth", "{tmp}/new_release", "--shape", "8", "16", "16"),
     _c("DICOM folder missing", "convert-dicom", "{tmp}/missing_dir", "{tmp}/out.nii.gz"),
     _c("a file in the series is not DICOM", "convert-dicom", "{tmp}/junk_dicom", "{tmp}/out.nii.gz"),
     _c("release folder missing", "check-release", "{tmp}/missing_dir"),
+    _c("--axis-check-volumes negative", "check-release", "{tmp}/foreign", "--axis-check-volumes", "-1"),
+    _c("--json is a folder", "check-release", "{tmp}/foreign", "--json", "{tmp}/foreign"),
     _c("folder is not a release", "check-release", "{tmp}/foreign"),
     _c("release folder missing", "export-references", "--data", "{tmp}/missing_dir", "--out", "{tmp}/r.jsonl"),
     _c("unknown --split", "export-references", "--data", "{tmp}/foreign", "--split", "dev", "--out",
@@ -64,16 +69,33 @@ CASES: tuple[Case, ...] = (
     _c("config value of the wrong type", "init", "--config", "tiny_3d", "--out", "{tmp}/init_out",
        "model.num_bins=abc"),
     _c("output folder holds files init did not write", "init", "--config", "tiny_3d", "--out", "{tmp}/foreign"),
+    _c("--max-steps 0", "train", "--config", "tiny_3d", "--max-steps", "0"),
     _c("unknown config key", "train", "--config", "tiny_3d", "--data", "{tmp}/foreign", "train.nope=3"),
     _c("non-finite learning rate", "train", "--config", "tiny_3d", "--data", "{tmp}/foreign",
        "train.learning_rate=.inf"),
     _c("config YAML that is not a mapping", "train", "--config", "{tmp}/list.yaml"),
     _c("model folder missing", "predict", "--model", "{tmp}/missing_dir", "--data", "{tmp}/foreign", "--out",
        "{tmp}/p.jsonl"),
+    _c("--batch-size 0", "predict", "--model", "{tmp}/missing_dir", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/p.jsonl", "--batch-size", "0"),
+    _c("--limit negative", "predict", "--model", "{tmp}/missing_dir", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/p.jsonl", "--limit", "-1"),
+    _c("--max-new-tokens 0", "predict", "--model", "{tmp}/missing_dir", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/p.jsonl", "--max-new-tokens", "0"),
+    _c("--out is a folder", "predict", "--model", "{tmp}/missing_dir", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/foreign"),
     _c("release folder missing", "zeroshot", "--backend", "hf", "--model", "{tmp}/missing_dir", "--data",
        "{tmp}/missing_dir", "--out", "{tmp}/p.jsonl"),
     _c("unknown --backend", "zeroshot", "--backend", "vllm", "--model", "m", "--data", "{tmp}/foreign", "--out",
        "{tmp}/p.jsonl"),
+    _c("--frames 0", "zeroshot", "--backend", "openai", "--model", "m", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/p.jsonl", "--frames", "0"),
+    _c("--concurrency 0", "zeroshot", "--backend", "openai", "--model", "m", "--data", "{tmp}/foreign", "--out",
+       "{tmp}/p.jsonl", "--concurrency", "0"),
+    _c("--timeout not finite", "zeroshot", "--backend", "openai", "--model", "m", "--data", "{tmp}/foreign",
+       "--out", "{tmp}/p.jsonl", "--timeout", "inf"),
+    _c("--timeout 0", "zeroshot", "--backend", "openai", "--model", "m", "--data", "{tmp}/foreign",
+       "--out", "{tmp}/p.jsonl", "--timeout", "0"),
     _c("references file missing", "score", "--predictions", "{tmp}/bad_preds.jsonl", "--references",
        "{tmp}/missing.jsonl", "--out", "{tmp}/score_out"),
     _c("references line with an unknown question id", "score", "--predictions", "{tmp}/bad_preds.jsonl",
@@ -82,9 +104,23 @@ CASES: tuple[Case, ...] = (
        "--question-id", "1"),
     _c("volume is not NIfTI", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/not_nifti.nii.gz",
        "--question-id", "1"),
+    _c("--question-id 70 (valid: 1..69)", "infer", "--model", "{tmp}/missing_dir", "--volume",
+       "{tmp}/not_nifti.nii.gz", "--question-id", "70"),
+    _c("--question-id 0", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/not_nifti.nii.gz",
+       "--question-id", "0"),
+    _c("--png with a .jpg name", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/not_nifti.nii.gz",
+       "--question-id", "1", "--png", "{tmp}/overlay.jpg"),
+    _c("--box with min > max", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/not_nifti.nii.gz",
+       "--question-id", "1", "--box", "5", "2", "0", "3", "0", "3"),
+    _c("--box with five values", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/not_nifti.nii.gz",
+       "--question-id", "1", "--box", "0", "2", "0", "3", "0"),
+    _c("--box outside the volume", "infer", "--model", "{tmp}/missing_dir", "--volume", "{tmp}/small.nii.gz",
+       "--question-id", "1", "--box", "0", "2", "0", "3", "0", "30"),
     _c("output folder holds files demo did not write", "demo", "--out", "{tmp}/foreign"),
     _c("--out is a file", "demo", "--out", "{tmp}/refs.jsonl"),
     _c("--repeats not a number", "bench", "--repeats", "three"),
+    _c("--repeats 0", "bench", "--repeats", "0"),
+    _c("--out is a folder", "bench", "--out", "{tmp}/foreign"),
 )
 """Every command with at least one bad input; fixtures come from ``make_fixtures``."""
 
@@ -97,6 +133,10 @@ def make_fixtures(tmp: Path) -> Path:
     (tmp / "junk_dicom").mkdir(exist_ok=True)
     (tmp / "junk_dicom" / "IM0001").write_bytes(b"not a DICOM file\n")
     (tmp / "not_nifti.nii.gz").write_bytes(b"not a NIfTI volume\n")
+    if not (tmp / "small.nii.gz").exists():
+        import nibabel as nib
+        import numpy as np
+        nib.save(nib.Nifti1Image(np.arange(512, dtype=np.int16).reshape(8, 8, 8), np.eye(4)), str(tmp / "small.nii.gz"))
     (tmp / "bad_key.yaml").write_text("family: 3d\nmodel:\n  nope: 1\n")
     (tmp / "list.yaml").write_text("- family\n- 3d\n")
     (tmp / "bad_preds.jsonl").write_text('{"sample_id": "s1", "output": \n')

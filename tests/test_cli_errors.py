@@ -118,3 +118,19 @@ def test_usage_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("reasonknee3d score: error: the following arguments are required: --predictions")
     assert err.count("\n") == 1 and "(see reasonknee3d score --help)" in err
+
+
+def test_validators_accept_valid_values():
+    parse = cli.build_parser().parse_args
+    a = parse(["infer", "--model", "m", "--volume", "v.nii.gz", "--question-id", "69", "--box", "0", "0", "1", "4",
+               "2", "9", "--png", "o.PNG"])
+    assert a.question_id == 69 and a.box == [0, 0, 1, 4, 2, 9] and a.png == Path("o.PNG")
+    a = parse(["zeroshot", "--backend", "openai", "--model", "m", "--data", "d", "--out", "p.jsonl", "--limit", "0",
+               "--timeout", "0.5", "--frames", "1", "--max-retries", "0"])
+    assert (a.limit, a.timeout, a.frames, a.max_retries) == (0, 0.5, 1, 0)
+    assert parse(["synth", "o", "--shape", "16", "32", "32"]).shape == [16, 32, 32]
+
+
+def test_question_id_message_names_the_valid_range(capsys):
+    assert cli.main(["infer", "--model", "m", "--volume", "v.nii.gz", "--question-id", "70"]) == 2
+    assert "expected a question id in 1..69 (reasonknee3d questions lists them), got '70'" in capsys.readouterr().err

@@ -44,6 +44,12 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     spec = get_question(question_id)
     volume = Path(volume)
     array, meta = load_volume(volume)  # validates the file and gives the shape boxes refer to
+    if gt_box is not None:  # before the model loads: a reference box outside the volume is a usage error
+        from ..boxes import validate_box
+        try:
+            gt_box = validate_box(gt_box, meta.shape)
+        except ValueError as e:
+            raise ValueError(f"reference box (--box): {e}") from None
     family = family_of_model_dir(model_dir)
     model, processor = family.load(model_dir, select_attn_implementation("auto"))
     model.eval()
