@@ -100,10 +100,13 @@ class BoxAction(argparse.Action):
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic release in the real 3DReasonKnee layout")
-    p.add_argument("out", type=Path)
-    p.add_argument("--volumes", type=positive_int, default=16)
-    p.add_argument("--shape", type=positive_int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", type=Path, help="release folder to write: new or empty, or an earlier synth output "
+                                           "with --overwrite")
+    p.add_argument("--volumes", type=positive_int, default=16,
+                   help="knee volumes (about 70/10/20 %% train/val/test by patient)")
+    p.add_argument("--shape", type=positive_int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"),
+                   help="voxels per volume: sagittal slices, rows, columns (at least 16 32 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same release")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it holds an earlier synth output")
 
     def run(a: argparse.Namespace) -> int:
@@ -126,7 +129,8 @@ def _report_batch(result) -> int:
 def _add_export_references(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-references", help="write a split's references in the scorer's JSONL format")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "train_balanced", "test_balanced"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "train_balanced", "test_balanced"),
+                   help="split to export")
     p.add_argument("--out", type=output_file, required=True, help="references .jsonl")
     p.add_argument("--images", type=Path, default=None,
                    help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
@@ -154,7 +158,7 @@ def _add_check_release(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert-dicom", help="one OAI sagittal DESS DICOM series -> NIfTI in release orientation")
-    p.add_argument("dicom_dir", type=Path)
+    p.add_argument("dicom_dir", type=Path, help="folder holding the DICOM files of one series")
     p.add_argument("out", type=output_file, help="output .nii.gz")
 
     def run(a: argparse.Namespace) -> int:
@@ -191,7 +195,8 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="fill the model family's cache (volumes for 3d, vision features for slice)")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--config", required=True, help="experiment YAML or preset name (e.g. tiny_3d)")
-    p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"))
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"),
+                   help="splits whose volumes are cached")
     _add_location_options(p)
 
     def run(a: argparse.Namespace) -> int:
@@ -240,12 +245,17 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zeroshot", help="zero-shot predictions: local Qwen2(.5)-VL (hf) or an OpenAI-compatible API")
-    p.add_argument("--backend", required=True, choices=("hf", "openai"))
+    p.add_argument("--backend", required=True, choices=("hf", "openai"),
+                   help="hf: a local Qwen2(.5)-VL checkpoint; openai: an OpenAI-compatible chat endpoint")
     p.add_argument("--model", required=True, help="hf: checkpoint folder; openai: model name at the endpoint")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"),
+                   help="split to answer")
     p.add_argument("--out", type=output_file, required=True, help="predictions .jsonl (appended; a rerun resumes)")
-    p.add_argument("--setting", default="plain", choices=("plain", "guided", "gt-crop"))
+    p.add_argument("--setting", default="plain", choices=("plain", "guided", "gt-crop"),
+                   help="plain: the question and the answer's JSON shape; guided: adds grade definitions, "
+                        "step-by-step reasoning and the answer format; gt-crop: guided, on the volume cropped to "
+                        "the reference box")
     p.add_argument("--preset", default="package", choices=("package", "paper"),
                    help="package: the package's frames and prompts; paper: the published inputs (hf: every "
                         "slice at 4 fps, per-slice scaling, processor-default size; openai: slices 32-128; "
@@ -322,7 +332,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="batched generation with a trained model -> predictions JSONL (resumable)")
     p.add_argument("--model", type=Path, required=True, help="model folder (checkpoint-N, final, merged or init)")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"),
+                   help="split to answer")
     p.add_argument("--out", type=output_file, required=True, help="predictions .jsonl (appended; a rerun resumes)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="samples per generate call")
     p.add_argument("--limit", type=non_negative_int, default=None, help="only the first N samples of the split")
@@ -352,7 +363,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="answer one question about one volume; optional box overlay picture")
     p.add_argument("--model", type=Path, required=True, help="model folder (3D-native or slice baseline)")
     p.add_argument("--volume", type=Path, required=True, help="NIfTI volume (.nii.gz)")
-    p.add_argument("--question-id", type=question_id, required=True)
+    p.add_argument("--question-id", type=question_id, required=True,
+                   help="question type, 1..69 (reasonknee3d questions lists them)")
     p.add_argument("--box", type=_int, nargs=6, action=BoxAction, default=None, metavar="V",
                    help="reference box to draw (voxels)")
     p.add_argument("--png", type=png_path, default=None, help="write the three-slice overlay picture here")
@@ -432,8 +444,22 @@ DEBUG_ENV = "REASONKNEE3D_DEBUG"
 DEBUG_HELP = (f"show the full traceback of an error instead of the one-line message (also: {DEBUG_ENV}=1)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none to show (unset, or a plain switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or isinstance(action, argparse._StoreTrueAction):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the package's error style: one line ``<prog>: error: <message>`` (no usage block), exit 2."""
+    """argparse with the package's error style: one line ``<prog>: error: <message>`` (no usage block), exit 2,
+    and ``--help`` listing the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
@@ -493,8 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
-    for p in sub.choices.values():  # also accepted after the command name
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.description = p.description or summaries.get(name)  # the command's line of the main --help, on top
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # also after the command name
+                       help=DEBUG_HELP)
     return parser
 
 

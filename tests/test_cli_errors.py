@@ -5,6 +5,7 @@ in-process through ``cli.main`` with pytest's capture.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import subprocess
 import sys
@@ -134,3 +135,21 @@ def test_validators_accept_valid_values():
 def test_question_id_message_names_the_valid_range(capsys):
     assert cli.main(["infer", "--model", "m", "--volume", "v.nii.gz", "--question-id", "70"]) == 2
     assert "expected a question id in 1..69 (reasonknee3d questions lists them), got '70'" in capsys.readouterr().err
+
+
+def _options(parser):
+    return [a for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+
+
+def test_every_option_of_every_command_has_help_and_help_shows_defaults(capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in _options(p)
+               if not (a.help or "").strip()]
+    assert missing == [] and all(a.help for a in _options(parser))
+    assert cli.main(["synth", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 16)" in text and "(default: (160, 384, 384))" in text and "(default: None)" not in text
+    assert cli.main(["predict", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "samples per generate call (default: 4)" in text and "(default: False)" not in text
