@@ -422,6 +422,41 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+TABLE_WIDTH = 99
+"""Widest table a command prints (columns); narrower terminals get narrower tables."""
+
+
+def _add_questions(sub: argparse._SubParsersAction) -> None:
+    from .schema import load_schema
+    categories = sorted({q.category for q in load_schema().values()})
+    p = sub.add_parser("questions", help="list the 69 question types: id, category, region, fields and grades")
+    p.add_argument("--category", choices=categories, default=None, help="only the questions of this category")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per question) instead of a table")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from .schema import question_rows
+        rows = question_rows(a.category)
+        if a.json:
+            print(json.dumps(rows, indent=1, ensure_ascii=False))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(title=f"{len(rows)} ReasonKnee questions (grades allowed per field)", show_lines=False)
+        t.add_column("id", justify="right", no_wrap=True)
+        t.add_column("category", no_wrap=True)
+        t.add_column("region (finding key)", max_width=26)
+        t.add_column("fields: grades", ratio=1)
+        for r in rows:
+            t.add_row(str(r["question_id"]), r["category"], r["finding_key"],
+                      "\n".join(f"{f['key']}: {f['range']}" for f in r["fields"]))
+        import shutil
+        Console(width=min(shutil.get_terminal_size((TABLE_WIDTH, 24)).columns, TABLE_WIDTH)).print(t)
+        return 0
+    p.set_defaults(func=run)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_score,
     _add_synth,
@@ -436,6 +471,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_infer,
     _add_demo,
     _add_bench,
+    _add_questions,
 ]
 
 
@@ -543,6 +579,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as shell tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except KeyboardInterrupt:
         print(f"reasonknee3d {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -121,6 +121,7 @@ CASES: tuple[Case, ...] = (
     _c("--repeats not a number", "bench", "--repeats", "three"),
     _c("--repeats 0", "bench", "--repeats", "0"),
     _c("--out is a folder", "bench", "--out", "{tmp}/foreign"),
+    _c("unknown --category", "questions", "--category", "knee"),
 )
 """Every command with at least one bad input; fixtures come from ``make_fixtures``."""
 
