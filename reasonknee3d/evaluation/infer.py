@@ -66,3 +66,20 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
         out_png = render_box_overlay(array, png, pred_box=parsed.box, gt_box=gt_box,
                                      title=f"q{question_id}: {spec.finding_key} — {volume.name}", answer=answer)
     return InferResult(text=text, box=parsed.box, severity=dict(parsed.severity), png=out_png)
+
+
+def answer_question(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: int,
+                    knee_side: Optional[str] = None, max_new_tokens: int = 512) -> InferResult:
+    """The package's one-call Python API: a parsed, constrained answer to one question about one volume.
+
+    ``model_dir`` is any model folder the package wrote (``reasonknee3d demo`` writes
+    ``demo_out/runs/3d/final``), of either family; ``volume`` a NIfTI file; ``question_id`` 1..69
+    (``reasonknee3d questions``). The answer is decoded under the same constraints as ``predict`` (every box
+    and grade parseable) and parsed with the scorer's parser: ``.box`` is ``[s0, s1, h0, h1, w0, w1]``
+    (inclusive voxel indices of the stored volume) or None, ``.severity`` maps each field of the question to
+    its grade, ``.text`` is the whole answer. ``infer`` adds a prompt of one's own, unconstrained decoding and
+    the overlay picture.
+    """
+    from ..schema import get_question
+    get_question(question_id)  # an unknown id fails here, naming the valid range, before the model loads
+    return infer(model_dir, volume, question_id, knee_side=knee_side, max_new_tokens=max_new_tokens)
