@@ -54,6 +54,7 @@ def test_readme_api_block_runs_and_prints_a_parsed_answer(tmp_path, monkeypatch)
     assert all(g is None or g in spec.field(k).grades for k, g in severity.items())
     text = "\n".join(text_lines)
     assert text == text.strip() and text.count("<|box_start|>") <= 1
+    assert all(line == line.rstrip() for line in text_lines)  # no runs of padding spaces at line ends
 
 
 def test_answer_question_is_a_package_attribute_and_checks_the_id_first(tmp_path):

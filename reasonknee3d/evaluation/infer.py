@@ -56,6 +56,8 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     batch, mirrored = family.file_batch(model, processor, volume, prompt or question_prompt(spec), knee_side)
     text = generate_answers(model, processor, family, batch, [question_id], [meta.shape], True,
                             constrained=constrained, max_new_tokens=max_new_tokens)[0]
+    # An untrained or briefly trained model can pad lines with runs of spaces; they carry nothing.
+    text = "\n".join(line.rstrip() for line in text.strip().splitlines())
     if mirrored:  # the model saw this knee in the canonical side's frame
         text = mirror_text_boxes(text, meta.shape)
     parsed = parse_output(text, spec)
