@@ -1,7 +1,7 @@
 """reasonknee3d: vision-language models that reason over 3D knee MRI (3DReasonKnee).
 
 The package root stays import-light so that commands such as ``reasonknee3d score`` start without torch.
-Model classes are loaded on first access (``reasonknee3d.ReasonKnee3DConfig`` etc.). The transformers Auto
+Model classes and the one-call API ``reasonknee3d.answer_question`` are loaded on first access. The transformers Auto
 classes (AutoConfig / AutoModel* / AutoProcessor) learn the "reasonknee3d" model type as soon as
 transformers is imported — immediately if it already is — so after ``import reasonknee3d`` a saved model
 directory loads through the Auto classes in either import order.
@@ -20,6 +20,7 @@ _LAZY_ATTRS = {
     "ReasonKnee3DConfig": "reasonknee3d.models.reasonknee3d.configuration_reasonknee3d",
     "ReasonKnee3DForConditionalGeneration": "reasonknee3d.models.reasonknee3d.modeling_reasonknee3d",
     "ReasonKnee3DProcessor": "reasonknee3d.models.reasonknee3d.processing_reasonknee3d",
+    "answer_question": "reasonknee3d.evaluation.infer",
 }
 __all__ = ["__version__", *_LAZY_ATTRS]
 

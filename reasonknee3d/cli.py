@@ -6,30 +6,113 @@ their library module lazily, so light commands (``score``, ``export-references``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import typing
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
 
 
+# --- argument validators: bad values are refused by argparse, before any work starts -------------------------
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, counts, budgets)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (limits, retries)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds)."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def question_id(text: str) -> int:
+    """A question id of the schema (1..69), with the valid range in the message."""
+    from .schema import load_schema
+    ids = load_schema()
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in ids:
+        raise argparse.ArgumentTypeError(f"expected a question id in {min(ids)}..{max(ids)} "
+                                         f"(reasonknee3d questions lists them), got {text!r}")
+    return value
+
+
+def png_path(text: str) -> Path:
+    """An output path ending in .png (the picture is always PNG), not an existing folder."""
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"expected a file name ending in .png (the picture is written as PNG), "
+                                         f"got {text!r}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a .png file name")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An output file path that is not an existing folder (checked before the work that fills it)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file name")
+    return path
+
+
+class BoxAction(argparse.Action):
+    """``--box S0 S1 H0 H1 W0 W1``: six voxel indices >= 0 with min <= max on each axis (inclusive)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        box = [int(v) for v in values]
+        for axis, name in enumerate(("S", "H", "W")):
+            lo, hi = box[2 * axis], box[2 * axis + 1]
+            if lo < 0 or lo > hi:
+                raise argparse.ArgumentError(self, f"expected six voxel indices S0 S1 H0 H1 W0 W1 with "
+                                                   f"0 <= min <= max on each axis; {name} is {lo}..{hi}")
+        setattr(namespace, self.dest, box)
+
+
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic release in the real 3DReasonKnee layout")
-    p.add_argument("out", type=Path)
-    p.add_argument("--volumes", type=int, default=16)
-    p.add_argument("--shape", type=int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", type=Path, help="release folder to write: new or empty, or an earlier synth output "
+                                           "with --overwrite")
+    p.add_argument("--volumes", type=positive_int, default=16,
+                   help="knee volumes (about 70/10/20 %% train/val/test by patient)")
+    p.add_argument("--shape", type=positive_int, nargs=3, default=(160, 384, 384), metavar=("S", "H", "W"),
+                   help="voxels per volume: sagittal slices, rows, columns (at least 16 32 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same release")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it holds an earlier synth output")
 
     def run(a: argparse.Namespace) -> int:
         from .data.synth import write_synthetic_release
-        try:
-            summary = write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed,
-                                              overwrite=a.overwrite)
-        except (ValueError, OSError) as e:
-            print(f"reasonknee3d synth: {e}", file=sys.stderr)
-            return 2
-        print(summary)
+        print(write_synthetic_release(a.out, n_volumes=a.volumes, shape=tuple(a.shape), seed=a.seed,
+                                      overwrite=a.overwrite))
         return 0
     p.set_defaults(func=run)
 
@@ -46,8 +129,9 @@ def _report_batch(result) -> int:
 def _add_export_references(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-references", help="write a split's references in the scorer's JSONL format")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "train_balanced", "test_balanced"))
-    p.add_argument("--out", type=Path, required=True, help="references .jsonl")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "train_balanced", "test_balanced"),
+                   help="split to export")
+    p.add_argument("--out", type=output_file, required=True, help="references .jsonl")
     p.add_argument("--images", type=Path, default=None,
                    help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
 
@@ -62,8 +146,8 @@ def _add_check_release(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", type=Path, help="release root")
     p.add_argument("--images", type=Path, default=None,
                    help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    p.add_argument("--axis-check-volumes", type=int, default=8,
+    p.add_argument("--json", type=output_file, default=None, help="also write the report as JSON here")
+    p.add_argument("--axis-check-volumes", type=non_negative_int, default=8,
                    help="volumes per split whose masks are read to compare written boxes with mask boxes")
 
     def run(a: argparse.Namespace) -> int:
@@ -74,16 +158,12 @@ def _add_check_release(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert_dicom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert-dicom", help="one OAI sagittal DESS DICOM series -> NIfTI in release orientation")
-    p.add_argument("dicom_dir", type=Path)
-    p.add_argument("out", type=Path, help="output .nii.gz")
+    p.add_argument("dicom_dir", type=Path, help="folder holding the DICOM files of one series")
+    p.add_argument("out", type=output_file, help="output .nii.gz")
 
     def run(a: argparse.Namespace) -> int:
         from .data.dicom import convert_dicom
-        try:
-            print(convert_dicom(a.dicom_dir, a.out))
-        except (ValueError, OSError) as e:  # DicomSeriesError names the file and tag
-            print(f"reasonknee3d convert-dicom: {e}", file=sys.stderr)
-            return 2
+        print(convert_dicom(a.dicom_dir, a.out))  # DicomSeriesError names the file and tag
         return 0
     p.set_defaults(func=run)
 
@@ -115,17 +195,13 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="fill the model family's cache (volumes for 3d, vision features for slice)")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--config", required=True, help="experiment YAML or preset name (e.g. tiny_3d)")
-    p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"))
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"),
+                   help="splits whose volumes are cached")
     _add_location_options(p)
 
     def run(a: argparse.Namespace) -> int:
-        from .config import ConfigError
         from .families import get_family, load_experiment_config
-        try:
-            exp = load_experiment_config(a.config, _location_overrides(a))
-        except ConfigError as e:
-            print(f"reasonknee3d preprocess: {e}", file=sys.stderr)
-            return 2
+        exp = load_experiment_config(a.config, _location_overrides(a))
         return _report_batch(get_family(exp.family).preprocess(exp, a.data, a.splits))
     p.set_defaults(func=run)
 
@@ -141,12 +217,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         from .evaluation.report import render_summary
-        from .evaluation.score import ScoreInputError, score_files
-        try:
-            report = score_files(a.predictions, a.references, a.out, a.majority_source, plots=not a.no_plots)
-        except (ScoreInputError, OSError) as e:
-            print(f"reasonknee3d score: {e}", file=sys.stderr)
-            return 2
+        from .evaluation.score import score_files
+        report = score_files(a.predictions, a.references, a.out, a.majority_source, plots=not a.no_plots)
         for msg in report["input_issues"]:
             print(f"warning: {msg}", file=sys.stderr)
         print(render_summary(report))
@@ -164,59 +236,54 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_bins=32")
 
     def run(a: argparse.Namespace) -> int:
-        from .config import ConfigError
         from .families import get_family, load_experiment_config
-        try:
-            exp = load_experiment_config(a.config, a.overrides)
-            out = get_family(exp.family).init(exp, a.out, overwrite=a.overwrite)
-        except (ConfigError, ValueError, OSError) as e:
-            print(f"reasonknee3d init: {e}", file=sys.stderr)
-            return 2
-        print(out)
+        exp = load_experiment_config(a.config, a.overrides)
+        print(get_family(exp.family).init(exp, a.out, overwrite=a.overwrite))
         return 0
     p.set_defaults(func=run)
 
 
 def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zeroshot", help="zero-shot predictions: local Qwen2(.5)-VL (hf) or an OpenAI-compatible API")
-    p.add_argument("--backend", required=True, choices=("hf", "openai"))
+    p.add_argument("--backend", required=True, choices=("hf", "openai"),
+                   help="hf: a local Qwen2(.5)-VL checkpoint; openai: an OpenAI-compatible chat endpoint")
     p.add_argument("--model", required=True, help="hf: checkpoint folder; openai: model name at the endpoint")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
-    p.add_argument("--out", type=Path, required=True, help="predictions .jsonl (appended; a rerun resumes)")
-    p.add_argument("--setting", default="plain", choices=("plain", "guided", "gt-crop"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"),
+                   help="split to answer")
+    p.add_argument("--out", type=output_file, required=True, help="predictions .jsonl (appended; a rerun resumes)")
+    p.add_argument("--setting", default="plain", choices=("plain", "guided", "gt-crop"),
+                   help="plain: the question and the answer's JSON shape; guided: adds grade definitions, "
+                        "step-by-step reasoning and the answer format; gt-crop: guided, on the volume cropped to "
+                        "the reference box")
     p.add_argument("--preset", default="package", choices=("package", "paper"),
                    help="package: the package's frames and prompts; paper: the published inputs (hf: every "
                         "slice at 4 fps, per-slice scaling, processor-default size; openai: slices 32-128; "
                         "the release's questions_nobbox_* text)")
     p.add_argument("--base-url", default=None, help="openai: endpoint root, e.g. https://api.openai.com/v1 "
                                                      "(key from OPENAI_API_KEY)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
+    p.add_argument("--limit", type=non_negative_int, default=None, help="only the first N samples of the split")
     _add_location_options(p, cache=False)
-    p.add_argument("--frames", type=int, default=None, help="slices sent (default: all for hf, 32 for openai)")
-    p.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+    p.add_argument("--frames", type=positive_int, default=None, help="slices sent (default: all for hf, 32 for openai)")
+    p.add_argument("--frame-size", type=positive_int, nargs=2, default=None, metavar=("H", "W"),
                    help="pixels per slice, multiples of 28 (default: 224 224 for hf, 392 392 for openai)")
-    p.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
-    p.add_argument("--timeout", type=float, default=120.0,
+    p.add_argument("--concurrency", type=positive_int, default=4, help="openai: requests in flight")
+    p.add_argument("--timeout", type=positive_float, default=120.0,
                    help="openai: seconds per request attempt, connect to the reply's last byte")
-    p.add_argument("--max-retries", type=int, default=4, help="openai: retries on 429 / 5xx / timeouts")
+    p.add_argument("--max-retries", type=non_negative_int, default=4, help="openai: retries on 429 / 5xx / timeouts")
     p.add_argument("--allow-no-key", action="store_true",
                    help="openai: run without OPENAI_API_KEY against a remote endpoint that needs no key "
                         "(a local server never needs this)")
-    p.add_argument("--batch-size", type=int, default=1, help="hf: samples per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="hf: generation budget")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="hf: samples per generate call")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="hf: generation budget")
 
     def run(a: argparse.Namespace) -> int:
-        from .evaluation.zeroshot import ZeroShotError, run_zeroshot
-        try:
-            res = run_zeroshot(a.backend, a.model, a.data, a.split, a.out, setting=a.setting, base_url=a.base_url,
-                               limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
-                               timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
-                               max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key,
-                               preset=a.preset, images=a.images)
-        except (ValueError, OSError, ZeroShotError) as e:
-            print(f"reasonknee3d zeroshot: {e}", file=sys.stderr)
-            return 2
+        from .evaluation.zeroshot import run_zeroshot
+        res = run_zeroshot(a.backend, a.model, a.data, a.split, a.out, setting=a.setting, base_url=a.base_url,
+                           limit=a.limit, frames=a.frames, frame_size=a.frame_size, concurrency=a.concurrency,
+                           timeout=a.timeout, max_retries=a.max_retries, batch_size=a.batch_size,
+                           max_new_tokens=a.max_new_tokens, allow_no_key=a.allow_no_key,
+                           preset=a.preset, images=a.images)
         print(f"{res.n_written} written, {res.n_skipped_done} already done, {len(res.failed)} failed "
               f"of {res.n_samples} -> {res.out}")
         for sid, err in res.failed.items():
@@ -230,8 +297,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (family, data, model, train) or preset name")
     p.add_argument("--data", default=None, help="release root (train.data_dir)")
     p.add_argument("--output-dir", default=None, help="run folder (train.output_dir; default runs/<config stem>)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (train.max_steps)")
-    p.add_argument("--save-steps", type=int, default=None, help="steps between checkpoints (train.save_steps)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (train.max_steps)")
+    p.add_argument("--save-steps", type=positive_int, default=None, help="steps between checkpoints (train.save_steps)")
     _add_location_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.learning_rate=1e-4 model.num_bins=64")
@@ -240,7 +307,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         import json
         import logging
 
-        from .config import ConfigError
         from .families import load_experiment_config
         from .training.trainer import NonFiniteTrainingError, run_training
         flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
@@ -248,14 +314,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         # JSON-quoted: a path stays a string even when YAML would read it as a number or a mapping.
         overrides = ([f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + _location_overrides(a)
                      + list(a.overrides))
+        exp = load_experiment_config(a.config, overrides)  # config errors before any log output
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
-            result = run_training(load_experiment_config(a.config, overrides))
-        except (ConfigError, FileNotFoundError) as e:
-            print(f"reasonknee3d train: {e}", file=sys.stderr)
-            return 2
-        except NonFiniteTrainingError as e:
-            print(f"reasonknee3d train: {e}", file=sys.stderr)
+            result = run_training(exp)
+        except NonFiniteTrainingError as e:  # the run's data or settings diverged: not a usage error
+            _print_error("train", e)
             return 1
         resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
         print(f"trained to step {result.global_step}{resumed}: {result.final_dir}"
@@ -268,24 +332,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="batched generation with a trained model -> predictions JSONL (resumable)")
     p.add_argument("--model", type=Path, required=True, help="model folder (checkpoint-N, final, merged or init)")
     p.add_argument("--data", type=Path, required=True, help="release root")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"))
-    p.add_argument("--out", type=Path, required=True, help="predictions .jsonl (appended; a rerun resumes)")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per generate call")
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per sample")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"),
+                   help="split to answer")
+    p.add_argument("--out", type=output_file, required=True, help="predictions .jsonl (appended; a rerun resumes)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="samples per generate call")
+    p.add_argument("--limit", type=non_negative_int, default=None, help="only the first N samples of the split")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="generation budget per sample")
     _add_location_options(p)
     p.add_argument("--unconstrained", action="store_true",
                    help="plain greedy decoding (no box / severity logits processors)")
 
     def run(a: argparse.Namespace) -> int:
         from .evaluation.predict import predict
-        try:
-            res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
-                          constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
-                          cache_dir=a.cache_dir)
-        except (ValueError, OSError) as e:
-            print(f"reasonknee3d predict: {e}", file=sys.stderr)
-            return 2
+        res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
+                      constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
+                      cache_dir=a.cache_dir)
         print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
               f"-> {res.out}")
         if res.skipped:
@@ -302,9 +363,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="answer one question about one volume; optional box overlay picture")
     p.add_argument("--model", type=Path, required=True, help="model folder (3D-native or slice baseline)")
     p.add_argument("--volume", type=Path, required=True, help="NIfTI volume (.nii.gz)")
-    p.add_argument("--question-id", type=int, required=True)
-    p.add_argument("--box", type=int, nargs=6, default=None, metavar="V", help="reference box to draw (voxels)")
-    p.add_argument("--png", type=Path, default=None, help="write the three-slice overlay picture here")
+    p.add_argument("--question-id", type=question_id, required=True,
+                   help="question type, 1..69 (reasonknee3d questions lists them)")
+    p.add_argument("--box", type=_int, nargs=6, action=BoxAction, default=None, metavar="V",
+                   help="reference box to draw (voxels)")
+    p.add_argument("--png", type=png_path, default=None, help="write the three-slice overlay picture here")
     p.add_argument("--prompt", default=None, help="prompt text (default: the project's question wording)")
     p.add_argument("--unconstrained", action="store_true", help="plain greedy decoding, no box/JSON constraints")
     p.add_argument("--knee-side", choices=("left", "right"), default=None,
@@ -324,18 +387,15 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole loop on the embedded default: synth, train both, predict, score")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="everything is written under this folder")
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes (about 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test of every step: 6 volumes, 10 training steps per family, 16 test questions; its "
+                        "numbers only show that the loop runs (README.md gives dated run times)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier demo in --out that used other settings (same settings resume)")
 
     def run(a: argparse.Namespace) -> int:
         from .demo import run_demo
-        from .io_utils import OutputDirError
-        try:
-            run_demo(a.out, quick=a.quick, overwrite=a.overwrite)
-        except OutputDirError as e:
-            print(f"reasonknee3d demo: {e}", file=sys.stderr)
-            return 2
+        run_demo(a.out, quick=a.quick, overwrite=a.overwrite)
         return 0
     p.set_defaults(func=run)
 
@@ -343,8 +403,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the performance figures (token ratio, step speedup, cache, scoring, "
                                      "KV cache, MFU) on this machine")
-    p.add_argument("--out", type=Path, default=None, help="write the full JSON here (default: print it)")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--out", type=output_file, default=None, help="write the full JSON here (default: print it)")
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed runs per figure after a warm-up (default: 5, training steps 3; --quick: 2)")
     p.add_argument("--quick", action="store_true", help="smoke test on the tiny configs (under a minute)")
 
@@ -353,9 +413,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         import logging
 
         from .bench import print_table, run_bench
-        if a.repeats is not None and a.repeats < 1:
-            print(f"reasonknee3d bench: --repeats must be >= 1, got {a.repeats}", file=sys.stderr)
-            return 2
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         result = run_bench(a.out, repeats=a.repeats, quick=a.quick)
         print_table(result)
@@ -363,6 +420,41 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             print(json.dumps(result, indent=1))
         else:
             print(f"JSON: {a.out}")
+        return 0
+    p.set_defaults(func=run)
+
+
+TABLE_WIDTH = 99
+"""Widest table a command prints (columns); narrower terminals get narrower tables."""
+
+
+def _add_questions(sub: argparse._SubParsersAction) -> None:
+    from .schema import load_schema
+    categories = sorted({q.category for q in load_schema().values()})
+    p = sub.add_parser("questions", help="list the 69 question types: id, category, region, fields and grades")
+    p.add_argument("--category", choices=categories, default=None, help="only the questions of this category")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per question) instead of a table")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from .schema import question_rows
+        rows = question_rows(a.category)
+        if a.json:
+            print(json.dumps(rows, indent=1, ensure_ascii=False))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(title=f"{len(rows)} ReasonKnee questions (grades allowed per field)", show_lines=False)
+        t.add_column("id", justify="right", no_wrap=True)
+        t.add_column("category", no_wrap=True)
+        t.add_column("region (finding key)", max_width=26)
+        t.add_column("fields: grades", ratio=1)
+        for r in rows:
+            t.add_row(str(r["question_id"]), r["category"], r["finding_key"],
+                      "\n".join(f"{f['key']}: {f['range']}" for f in r["fields"]))
+        import shutil
+        Console(width=min(shutil.get_terminal_size((TABLE_WIDTH, 24)).columns, TABLE_WIDTH)).print(t)
         return 0
     p.set_defaults(func=run)
 
@@ -381,20 +473,130 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_infer,
     _add_demo,
     _add_bench,
+    _add_questions,
 ]
 
 
+DEBUG_ENV = "REASONKNEE3D_DEBUG"
+"""``REASONKNEE3D_DEBUG=1`` does what ``--debug`` does: errors raise with their traceback."""
+DEBUG_HELP = (f"show the full traceback of an error instead of the one-line message (also: {DEBUG_ENV}=1)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none to show (unset, or a plain switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or isinstance(action, argparse._StoreTrueAction):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one line ``<prog>: error: <message>`` (no usage block), exit 2,
+    and ``--help`` listing the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: its lines joined with ' | ', surrounding blanks dropped."""
+    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _describe(exc: BaseException) -> str:
+    """The message of a user-input error; OSError without a package message reads 'what: path'."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None and str(exc).startswith("[Errno"):
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        hint = {FileNotFoundError: "; check the path", PermissionError: "; check the permissions",
+                IsADirectoryError: "; a file was expected", NotADirectoryError: "; a folder was expected"}
+        return f"{exc.strerror}: {where}" + next((h for t, h in hint.items() if isinstance(exc, t)), "")
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports bad input (a file, a path, a config key, a value) rather than a bug.
+
+    User errors: every OSError (missing or unreadable user paths, full disks, ``OutputDirError``, ``CacheMiss``);
+    ``ValueError`` subclasses defined by the package (``ConfigError``, ``ReleaseError``, ``VolumeError``,
+    ``DicomSeriesError``, ``ScoreInputError``, ``FormError`` ...); ``ZeroShotError``; and a plain ``ValueError``
+    raised by the package's own code (its argument checks). A ``ValueError`` raised inside a library
+    (numpy, torch) is a bug: the package checks its inputs before handing them over.
+    """
+    if isinstance(exc, OSError):
+        return True
+    package = __name__.split(".")[0]
+    if isinstance(exc, ValueError) and type(exc).__module__.split(".")[0] == package:
+        return True
+    from .evaluation.zeroshot import ZeroShotError
+    if isinstance(exc, ZeroShotError):
+        return True
+    if type(exc) is ValueError and exc.__traceback__ is not None:
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return False
+
+
+def _print_error(command: str, exc: BaseException) -> None:
+    print(f"reasonknee3d {command}: error: {_describe(exc)}", file=sys.stderr)
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reasonknee3d", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="reasonknee3d", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.description = p.description or summaries.get(name)  # the command's line of the main --help, on top
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # also after the command name
+                       help=DEBUG_HELP)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one command; returns its exit status.
+
+    0 done; 1 done with skipped items (listed), or an unexpected error (a bug: one line naming the exception);
+    2 bad input (bad file, path, config or value: one line ``reasonknee3d <command>: error: ...``); 130
+    interrupted. With ``--debug`` or ``REASONKNEE3D_DEBUG=1`` errors raise with their traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error already printed (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.debug or _debug_from_env():
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as shell tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except KeyboardInterrupt:
+        print(f"reasonknee3d {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error ends as one line; --debug shows the traceback
+        if is_user_error(e):
+            _print_error(args.command, e)
+            return 2
+        print(f"reasonknee3d {args.command}: error: unexpected {type(e).__module__}.{type(e).__qualname__}: "
+              f"{_describe(e)} (a bug; rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

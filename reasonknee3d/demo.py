@@ -13,9 +13,11 @@ to replace them, and reusing them would report one run's models under the other'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +31,8 @@ DEMO_MODELS = {"3d": "tiny_3d", "slice": "tiny_slice"}
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of one demo run (the defaults fit 10 minutes on a 2-core laptop CPU; ``quick`` fits 2)."""
+    """Sizes of one demo run (the defaults train each family for minutes on a CPU, see README.md for a dated
+    measurement; ``QUICK`` is a smoke test of every step)."""
 
     volumes: int = 40
     """Synthetic volumes (about 70/10/20 % train/val/test by patient)."""
@@ -121,10 +124,21 @@ def comparison_table(reports: dict[str, dict], extra: dict[str, dict[str, Any]])
     return table
 
 
-def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings) -> str:
+SMOKE_TEST_NOTE = ("smoke test (--quick): a few training steps on a few volumes; the numbers only show that "
+                   "every step ran, not how the models compare")
+"""Said in the printed table's title and in comparison.md of a ``--quick`` run."""
+
+
+def _title(quick: bool) -> str:
+    return "ReasonKnee-Bench, synthetic test split" + (" - SMOKE TEST (--quick), not a comparison" if quick else "")
+
+
+def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = False) -> str:
     cols = [*TABLE_METRICS, "train_seconds", "visual_tokens"]
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["# reasonknee3d demo: 3D-native vs slice baseline on the synthetic test split", "",
+    lines = ["# reasonknee3d demo: 3D-native vs slice baseline on the synthetic test split"
+             + (" (smoke test)" if quick else ""), "",
+             *([f"**{SMOKE_TEST_NOTE[0].upper()}{SMOKE_TEST_NOTE[1:]}.**", ""] if quick else []),
              f"Settings: {json.dumps(asdict(s))}", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in table.items():
@@ -134,7 +148,18 @@ def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(table: dict[str, dict[str, Any]], out: Path) -> None:
+PLOT_METRICS = ("diag_exact", "balanced_acc", "qwk", "miou", "acc_iou50")
+
+
+def plot_limits(table: dict[str, dict[str, Any]]) -> tuple[float, float]:
+    """y range of the comparison plot: from the data (qwk can be as low as -1), with 0 and 1 always shown."""
+    values = [float(row[m]) for row in table.values() for m in PLOT_METRICS if row.get(m) is not None]
+    lo, hi = min([0.0, *values]), max([1.0, *values])
+    pad = 0.05 * (hi - lo)
+    return lo - (pad if lo < 0 else 0.0), hi + pad
+
+
+def _plot(table: dict[str, dict[str, Any]], out: Path, quick: bool = False) -> Any:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,34 +167,71 @@ def _plot(table: dict[str, dict[str, Any]], out: Path) -> None:
 
     from .io_utils import atomic_path
 
-    metrics = ["diag_exact", "balanced_acc", "qwk", "miou", "acc_iou50"]
+    metrics = list(PLOT_METRICS)
     x = np.arange(len(metrics))
     fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / max(len(table), 1)
     for i, (name, row) in enumerate(table.items()):
-        ax.bar(x + (i - 1) * 0.27, [row.get(m) or 0.0 for m in metrics], 0.27, label=name)
+        ax.bar(x + (i - (len(table) - 1) / 2) * width, [row.get(m) or 0.0 for m in metrics], width, label=name)
     ax.set_xticks(x, metrics)
-    ax.set_ylim(-0.1, 1)
-    ax.legend()
-    ax.set_title("ReasonKnee-Bench on the synthetic test split")
+    ax.set_ylim(*plot_limits(table))
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.legend(fontsize=8)
+    ax.set_title("ReasonKnee-Bench on the synthetic test split" + (" (smoke test, --quick)" if quick else ""))
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    return fig
 
 
-def _print_table(table: dict[str, dict[str, Any]]) -> None:
+TABLE_WIDTH = 99
+"""The printed table's widest line (columns)."""
+SHORT_NAMES = {"balanced_acc": "bal_acc", "acc_iou50": "iou50", "parse_fail_severity": "fail_sev",
+               "parse_fail_box": "fail_box", "train_seconds": "train_s", "visual_tokens": "vis_tok"}
+"""Column headers of the printed table (comparison.md keeps the full names)."""
+
+
+def _print_table(table: dict[str, dict[str, Any]], quick: bool = False, file: Any = None) -> None:
+    import shutil as _shutil
+
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     cols = [*TABLE_METRICS, "train_seconds", "visual_tokens"]
-    t = Table(title="ReasonKnee-Bench, synthetic test split")
-    t.add_column("model")
+    t = Table(title=_title(quick), caption=SMOKE_TEST_NOTE if quick else None, box=box.SIMPLE_HEAD,
+              padding=(0, 1), pad_edge=False, show_edge=False)
+    t.add_column("model", no_wrap=True)
     for c in cols:
-        t.add_column(c, justify="right")
+        t.add_column(SHORT_NAMES.get(c, c), justify="right", no_wrap=True)
     for name, row in table.items():
         t.add_row(name, *("-" if row.get(c) is None else (f"{row[c]:.3f}" if isinstance(row[c], float)
                                                             else str(row[c])) for c in cols))
-    Console(width=160).print(t)
+    width = min(_shutil.get_terminal_size((TABLE_WIDTH, 24)).columns, TABLE_WIDTH)
+    Console(width=width, file=file).print(t)
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Only the demo's own lines, progress bars of the work and its table: transformers' warnings, info
+    messages and its weight loading / shard writing bars are silenced (restored afterwards), and so are
+    FutureWarnings (deprecations inside transformers that the user cannot act on)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers(\.|$)")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Optional[DemoSettings] = None,
@@ -177,8 +239,14 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Option
     """Run the demo into ``out``; returns the comparison table (also in ``out/comparison.json``).
 
     ``out`` must be new or empty, or an earlier demo folder: with the same settings the run resumes, with
-    other settings ``overwrite`` is needed (see the module docstring).
+    other settings ``overwrite`` is needed (see the module docstring). Settings smaller than the default
+    training (``--quick``) are marked as a smoke test in the printed table, comparison.md and the plot.
     """
+    with quiet_libraries():
+        return _run_demo(Path(out), quick, settings, overwrite)
+
+
+def _run_demo(out: Path, quick: bool, settings: Optional[DemoSettings], overwrite: bool) -> dict:
     from .data.release import export_references
     from .data.synth import write_synthetic_release
     from .evaluation.infer import infer
@@ -186,7 +254,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Option
     from .evaluation.score import score_files
 
     s = settings or (QUICK if quick else DemoSettings())
-    out = Path(out)
+    smoke = s.max_steps < DemoSettings.max_steps  # --quick, or settings too small for the comparison to mean much
     t_start = time.perf_counter()
     release = out / "release"
     step = lambda msg: print(f"[demo {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)  # noqa: E731
@@ -224,20 +292,26 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, settings: Option
 
     table = comparison_table(reports, extra)
     write_json(out / "comparison.json", table)
-    write_text(out / "comparison.md", _markdown(table, s))
-    _plot(table, out / "comparison.png")
+    write_text(out / "comparison.md", _markdown(table, s, smoke))
+    _plot(table, out / "comparison.png", smoke)
 
     step("writing infer pictures")
     test_refs = [json.loads(line) for line in refs["test"].read_text().splitlines()]
     from .data.release import iter_samples
     by_id = {smp.sample_id: smp for smp in iter_samples(release, "test")}
     picked = [r for r in test_refs if r["box"] is not None][:: max(1, len(test_refs) // max(s.pictures, 1))]
+    pictures = []
     for r in picked[: s.pictures]:
         smp = by_id[r["sample_id"]]
-        infer(models["3d"], smp.image_path, smp.question_id, gt_box=smp.box, max_new_tokens=s.max_new_tokens,
-              png=out / "pictures" / f"infer_3d_q{smp.question_id}.png")
-    _print_table(table)
-    step(f"done: {out / 'comparison.md'}")
+        pictures.append(infer(models["3d"], smp.image_path, smp.question_id, gt_box=smp.box,
+                              max_new_tokens=s.max_new_tokens,
+                              png=out / "pictures" / f"infer_3d_q{smp.question_id}.png").png)
+    _print_table(table, smoke)
+    step("done")
+    print(f"table:    {out / 'comparison.md'} (and comparison.json)\n"
+          f"reports:  {out / 'reports' / '3d' / 'report.md'}, {out / 'reports' / 'slice' / 'report.md'}\n"
+          f"pictures: {out / 'comparison.png'}"
+          + "".join(f", {p}" for p in pictures), flush=True)
     return table
 
 

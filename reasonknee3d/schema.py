@@ -81,3 +81,19 @@ def null_field_questions() -> frozenset[int]:
     text = resources.files("reasonknee3d").joinpath("resources/question_schema.json").read_text()
     return frozenset(int(q["question_id"]) for q in json.loads(text)
                      if any(f["key"] is None for f in q["fields"]))
+
+
+def grade_range(grades: tuple[int, ...]) -> str:
+    """``0-3`` for consecutive grades, else the grades joined by commas."""
+    if len(grades) > 1 and list(grades) == list(range(grades[0], grades[-1] + 1)):
+        return f"{grades[0]}-{grades[-1]}"
+    return ",".join(str(g) for g in grades)
+
+
+def question_rows(category: Optional[str] = None) -> list[dict]:
+    """The questions as JSON-ready rows (``reasonknee3d questions``): id, category, region (structure,
+    compartment, finding key) and each field with its allowed grades; only ``category`` when given."""
+    return [{"question_id": q.question_id, "category": q.category, "structure": q.structure,
+             "compartment": q.compartment, "finding_key": q.finding_key,
+             "fields": [{"key": f.key, "grades": list(f.grades), "range": grade_range(f.grades)} for f in q.fields]}
+            for q in load_schema().values() if category is None or q.category == category]

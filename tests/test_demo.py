@@ -4,7 +4,7 @@ import json
 from reasonknee3d.demo import DemoSettings, run_demo
 
 
-def test_demo_writes_the_comparison_reports_and_pictures(tmp_path):
+def test_demo_writes_the_comparison_reports_and_pictures(tmp_path, capsys):
     s = DemoSettings(volumes=6, max_steps=2, batch_size=2, max_new_tokens=120, test_limit=4, pictures=1)
     table = run_demo(tmp_path, settings=s)
     assert set(table) == {"3d", "slice", "majority"}
@@ -21,3 +21,46 @@ def test_demo_writes_the_comparison_reports_and_pictures(tmp_path):
     assert (tmp_path / "comparison.md").read_text().count("| 3d |") == 1
     pictures = list((tmp_path / "pictures").glob("infer_3d_q*.png"))
     assert len(pictures) == 1 and pictures[0].read_bytes()[:4] == b"\x89PNG"
+    out, err = capsys.readouterr()
+    tail = out.splitlines()[-3:]  # ends with where its table, reports and pictures are
+    assert tail[0] == f"table:    {tmp_path / 'comparison.md'} (and comparison.json)"
+    assert str(tmp_path / "reports" / "3d" / "report.md") in tail[1]
+    assert tail[2] == f"pictures: {tmp_path / 'comparison.png'}, {pictures[0]}"
+    assert "SMOKE TEST" in out and "smoke test" in (tmp_path / "comparison.md").read_text()  # 2 steps
+    assert "Writing model shards" not in err and "Loading weights" not in err and "Warning" not in err
+
+
+def _table(qwk_slice: float) -> dict:
+    from reasonknee3d.demo import TABLE_METRICS
+    row = {m: 0.5 for m in TABLE_METRICS}
+    return {"3d": {**row, "train_seconds": 142.3, "visual_tokens": 128},
+            "slice": {**row, "qwk": qwk_slice, "train_seconds": 96.0, "visual_tokens": 5120},
+            "majority": {**row, "qwk": 0.005, "train_seconds": None, "visual_tokens": None}}
+
+
+def test_plot_y_limits_come_from_the_data(tmp_path):
+    from reasonknee3d.demo import _plot, plot_limits
+    lo, hi = plot_limits(_table(-0.62))
+    assert lo < -0.62 and hi >= 1.0
+    assert plot_limits(_table(0.3))[0] == 0.0  # nothing negative: the axis starts at 0
+    fig = _plot(_table(-0.62), tmp_path / "c.png")
+    ymin, ymax = fig.axes[0].get_ylim()
+    assert ymin <= -0.62 and ymax >= 1.0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    bars = [p.get_height() for p in fig.axes[0].patches]
+    assert min(bars) == -0.62 and len(bars) == 3 * 5
+
+
+def test_printed_table_fits_100_columns_and_marks_a_smoke_test(monkeypatch):
+    import io
+
+    from reasonknee3d.demo import TABLE_WIDTH, _markdown, _print_table, QUICK
+    monkeypatch.setenv("COLUMNS", "300")
+    for quick in (False, True):
+        buf = io.StringIO()
+        _print_table(_table(-0.62), quick, file=buf)
+        lines = buf.getvalue().splitlines()
+        assert max(map(len, lines)) <= TABLE_WIDTH < 100
+        assert any("vis_tok" in line and "diag_exact" in line for line in lines)  # no header cut short
+        assert any(line.split()[:1] == ["slice"] and "-0.620" in line and "5120" in line for line in lines)
+        assert ("SMOKE TEST" in buf.getvalue()) == quick
+        assert ("smoke test" in _markdown(_table(0.1), QUICK, quick)) == quick

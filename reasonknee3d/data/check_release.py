@@ -322,13 +322,11 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
 
 def run_check_release(root: str | Path, images: str | Path | None = None, json_out: str | Path | None = None,
                       axis_check_volumes: int = AXIS_CHECK_VOLUMES) -> int:
-    """Check, print, write the JSON (atomically) and return the exit status (0 ok, 1 blocked, 2 no release)."""
-    import sys
-    try:
-        report = check_release(root, images, axis_check_volumes)
-    except ReleaseError as e:
-        print(f"reasonknee3d check-release: {e}", file=sys.stderr)
-        return 2
+    """Check, print, write the JSON (atomically) and return the exit status (0 ok, 1 blocked).
+
+    A folder that is no release raises ``ReleaseError`` (the command line prints it as a one-line error, exit 2).
+    """
+    report = check_release(root, images, axis_check_volumes)
     print_report(report)
     if json_out is not None:
         write_json(json_out, report)

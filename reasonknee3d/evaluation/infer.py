@@ -44,12 +44,20 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     spec = get_question(question_id)
     volume = Path(volume)
     array, meta = load_volume(volume)  # validates the file and gives the shape boxes refer to
+    if gt_box is not None:  # before the model loads: a reference box outside the volume is a usage error
+        from ..boxes import validate_box
+        try:
+            gt_box = validate_box(gt_box, meta.shape)
+        except ValueError as e:
+            raise ValueError(f"reference box (--box): {e}") from None
     family = family_of_model_dir(model_dir)
     model, processor = family.load(model_dir, select_attn_implementation("auto"))
     model.eval()
     batch, mirrored = family.file_batch(model, processor, volume, prompt or question_prompt(spec), knee_side)
     text = generate_answers(model, processor, family, batch, [question_id], [meta.shape], True,
                             constrained=constrained, max_new_tokens=max_new_tokens)[0]
+    # An untrained or briefly trained model can pad lines with runs of spaces; they carry nothing.
+    text = "\n".join(line.rstrip() for line in text.strip().splitlines())
     if mirrored:  # the model saw this knee in the canonical side's frame
         text = mirror_text_boxes(text, meta.shape)
     parsed = parse_output(text, spec)
@@ -60,3 +68,20 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
         out_png = render_box_overlay(array, png, pred_box=parsed.box, gt_box=gt_box,
                                      title=f"q{question_id}: {spec.finding_key} — {volume.name}", answer=answer)
     return InferResult(text=text, box=parsed.box, severity=dict(parsed.severity), png=out_png)
+
+
+def answer_question(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: int,
+                    knee_side: Optional[str] = None, max_new_tokens: int = 512) -> InferResult:
+    """The package's one-call Python API: a parsed, constrained answer to one question about one volume.
+
+    ``model_dir`` is any model folder the package wrote (``reasonknee3d demo`` writes
+    ``demo_out/runs/3d/final``), of either family; ``volume`` a NIfTI file; ``question_id`` 1..69
+    (``reasonknee3d questions``). The answer is decoded under the same constraints as ``predict`` (every box
+    and grade parseable) and parsed with the scorer's parser: ``.box`` is ``[s0, s1, h0, h1, w0, w1]``
+    (inclusive voxel indices of the stored volume) or None, ``.severity`` maps each field of the question to
+    its grade, ``.text`` is the whole answer. ``infer`` adds a prompt of one's own, unconstrained decoding and
+    the overlay picture.
+    """
+    from ..schema import get_question
+    get_question(question_id)  # an unknown id fails here, naming the valid range, before the model loads
+    return infer(model_dir, volume, question_id, knee_side=knee_side, max_new_tokens=max_new_tokens)

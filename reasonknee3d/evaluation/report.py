@@ -22,6 +22,8 @@ from ..io_utils import atomic_open, atomic_path, write_json, write_text
 from .metrics import METRICS
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from .score import ScoreResult
 
 PLOT_FILES = {"per_category": "per_category.png", "iou": "iou_histogram.png", "confusion": "confusion_ordinal.png"}
@@ -116,12 +118,14 @@ def _confusion_mosaic(report: dict, cols: int = 4) -> tuple[np.ndarray, list[tup
     g, c = np.asarray(families[0][1]["matrix"]).shape  # (grades, grades + 1 "missing" column)
     cols = min(cols, len(families))
     rows = -(-len(families) // cols)
-    cell_h, cell_w = g + 2, c + 1  # one title row above and one gutter row/column around each block
+    # One title row above each block, one gutter row below (predicted-grade ticks) and one gutter column on
+    # its left (reference-grade ticks).
+    cell_h, cell_w = g + 2, c + 1
     img = np.full((rows * cell_h, cols * cell_w), np.nan)
     titles = []
     for k, (family, cm) in enumerate(families):
         m = np.asarray(cm["matrix"], dtype=np.float64)
-        r0, c0 = (k // cols) * cell_h + 1, (k % cols) * cell_w
+        r0, c0 = (k // cols) * cell_h + 1, (k % cols) * cell_w + 1
         rows_n = m.sum(axis=1, keepdims=True)
         img[r0:r0 + g, c0:c0 + c] = np.where(rows_n > 0, m / np.maximum(rows_n, 1), np.nan)
         titles.append((c0 + (c - 1) / 2, r0 - 0.75, family.replace(" / ", "\n")))
@@ -138,7 +142,6 @@ def write_plots(out_dir: Path, report: dict, iou: np.ndarray, majority_iou: np.n
     # The object-oriented API (no pyplot): no global figure state and a lighter import.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
     def save(fig: Figure, name: str) -> Path:
         FigureCanvasAgg(fig)
@@ -147,20 +150,7 @@ def write_plots(out_dir: Path, report: dict, iou: np.ndarray, majority_iou: np.n
             fig.savefig(tmp, dpi=80)
         return path
 
-    written = []
-    cats = list(report["by_category"])
-    fig = Figure(figsize=(11, 0.32 * len(cats) + 1.2))
-    fig.subplots_adjust(left=0.19, right=0.98, bottom=0.8 / fig.get_figheight(),
-                        top=1 - 0.45 / fig.get_figheight(), wspace=0.05)
-    y = np.arange(len(cats))
-    for ax, metric in zip(fig.subplots(1, 2, sharey=True), ("diag_exact", "balanced_acc")):
-        for off, (label, table) in zip((-0.2, 0.2), (("model", report["by_category"]),
-                                                     ("majority baseline", report["majority_by_category"]))):
-            ax.barh(y + off, [table[c][metric] or 0.0 for c in cats], height=0.4, label=label)
-        ax.set(yticks=y, yticklabels=cats, xlim=(0, 1), xlabel=metric)
-    ax.invert_yaxis()  # shared y: once flips both panels
-    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncols=2, fontsize=8)
-    written.append(save(fig, "per_category"))
+    written = [save(per_category_figure(report), "per_category")]
 
     if iou.size:
         fig = Figure(figsize=(6, 4))
@@ -175,22 +165,62 @@ def write_plots(out_dir: Path, report: dict, iou: np.ndarray, majority_iou: np.n
         written.append(save(fig, "iou"))
 
     if report["confusion"]:
-        img, titles = _confusion_mosaic(report)
-        fig = Figure(figsize=(img.shape[1] * 0.42 + 1.2, img.shape[0] * 0.42 + 0.6))
-        fig.subplots_adjust(left=0.01, right=0.93, bottom=0.08, top=0.99)
-        ax = fig.subplots()
-        shown = ax.imshow(img, cmap="Blues", vmin=0, vmax=1)
-        g, c = np.asarray(next(iter(report["confusion"].values()))["matrix"]).shape
-        for x, y_, title in titles:
-            ax.text(x, y_, title, ha="center", va="center", fontsize=6)
-            ax.add_patch(Rectangle((x - c / 2, y_ + 0.25), c, g, fill=False, linewidth=0.5, edgecolor="grey"))
-        ax.set_axis_off()
-        fig.colorbar(shown, ax=ax, fraction=0.02, pad=0.01, label="fraction of the reference grade")
-        fig.text(0.01, 0.02, "rows: reference grade 0-3 (top down; blank: no reference has it); "
-                 "columns: predicted 0-3, then missing",
-                 fontsize=7)
-        written.append(save(fig, "confusion"))
+        written.append(save(confusion_figure(report), "confusion"))
     return written
+
+
+def per_category_figure(report: dict) -> "Figure":
+    """diag_exact and balanced_acc per category, model beside the majority baseline (two panels with a gap
+    wide enough that their x tick labels never touch)."""
+    from matplotlib.figure import Figure
+
+    cats = list(report["by_category"])
+    fig = Figure(figsize=(11, 0.32 * len(cats) + 1.2))
+    fig.subplots_adjust(left=0.19, right=0.98, bottom=0.8 / fig.get_figheight(),
+                        top=1 - 0.45 / fig.get_figheight(), wspace=0.12)
+    y = np.arange(len(cats))
+    ticks = np.linspace(0, 1, 5)
+    for ax, metric in zip(fig.subplots(1, 2, sharey=True), ("diag_exact", "balanced_acc")):
+        for off, (label, table) in zip((-0.2, 0.2), (("model", report["by_category"]),
+                                                     ("majority baseline", report["majority_by_category"]))):
+            ax.barh(y + off, [table[c][metric] or 0.0 for c in cats], height=0.4, label=label)
+        ax.set(yticks=y, yticklabels=cats, xlim=(0, 1), xlabel=metric, xticks=ticks,
+               xticklabels=[f"{t:g}" for t in ticks])
+    ax.invert_yaxis()  # shared y: once flips both panels
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncols=2, fontsize=8)
+    return fig
+
+
+MISSING_GRADE_TICK = "-"
+"""Tick of the confusion matrices' last column: answers without a grade for the field."""
+
+
+def confusion_figure(report: dict) -> "Figure":
+    """Every field's row-normalised confusion matrix in one image, each block with its title, reference grade
+    ticks on its left and predicted grade ticks (then ``MISSING_GRADE_TICK``) below it."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    img, titles = _confusion_mosaic(report)
+    fig = Figure(figsize=(img.shape[1] * 0.42 + 1.2, img.shape[0] * 0.42 + 0.6))
+    fig.subplots_adjust(left=0.01, right=0.93, bottom=0.08, top=0.99)
+    ax = fig.subplots()
+    shown = ax.imshow(img, cmap="Blues", vmin=0, vmax=1)
+    g, c = np.asarray(next(iter(report["confusion"].values()))["matrix"]).shape
+    predicted = [str(k) for k in range(c - 1)] + [MISSING_GRADE_TICK]
+    for x, y_, title in titles:
+        ax.text(x, y_, title, ha="center", va="center", fontsize=6)
+        left, top = x - c / 2, y_ + 0.25
+        ax.add_patch(Rectangle((left, top), c, g, fill=False, linewidth=0.5, edgecolor="grey"))
+        for k in range(g):  # reference grade of each row
+            ax.text(left - 0.15, top + k + 0.5, str(k), ha="right", va="center", fontsize=6, color="dimgrey")
+        for k, tick in enumerate(predicted):  # predicted grade of each column
+            ax.text(left + k + 0.5, top + g + 0.1, tick, ha="center", va="top", fontsize=6, color="dimgrey")
+    ax.set_axis_off()
+    fig.colorbar(shown, ax=ax, fraction=0.02, pad=0.01, label="fraction of the reference grade")
+    fig.text(0.01, 0.02, f"rows: reference grade (blank: no reference has it); columns: predicted grade, "
+             f"'{MISSING_GRADE_TICK}': no grade in the answer", fontsize=7)
+    return fig
 
 
 def _plot_worker(conn: Connection) -> None:

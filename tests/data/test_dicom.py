@@ -164,7 +164,7 @@ def test_empty_folder_rejected_and_cli_reports_one_line(tmp_path, capsys):
         read_dicom_series(tmp_path / "dcm")
     assert cli.main(["convert-dicom", str(tmp_path / "dcm"), str(tmp_path / "v.nii.gz")]) == 2
     err = capsys.readouterr().err
-    assert err == f"reasonknee3d convert-dicom: {tmp_path / 'dcm'}: no files\n"
+    assert err == f"reasonknee3d convert-dicom: error: {tmp_path / 'dcm'}: no files\n"
     assert not (tmp_path / "v.nii.gz").exists()
 
 

@@ -62,3 +62,29 @@ def test_plot_worker_draws_in_a_child_and_reports_failures(tmp_path: Path) -> No
             worker.result()
     with PlotWorker():
         pass  # never given a job: leaving the block stops the child
+
+
+def test_per_category_panels_keep_their_x_tick_labels_apart() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from reasonknee3d.evaluation.report import per_category_figure
+    fig = per_category_figure(score_predictions(OUTPUTS, REFS).report)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    left, right = (ax for ax in fig.axes if ax.get_xlabel())
+    assert [t.get_text() for t in left.get_xticklabels()] == ["0", "0.25", "0.5", "0.75", "1"]
+    last = left.get_xticklabels()[-1].get_window_extent(renderer)
+    first = right.get_xticklabels()[0].get_window_extent(renderer)
+    assert last.x1 < first.x0  # "1" of the left panel ends before "0" of the right one starts
+
+
+def test_confusion_matrices_have_grade_ticks() -> None:
+    from reasonknee3d.evaluation.report import MISSING_GRADE_TICK, confusion_figure
+    report = score_predictions(OUTPUTS, REFS).report
+    fig = confusion_figure(report)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    n_blocks = len(report["confusion"])
+    g = len(next(iter(report["confusion"].values()))["matrix"])
+    for k in range(g):  # each block: its reference-grade row tick and predicted-grade column tick
+        assert texts.count(str(k)) == 2 * n_blocks
+    assert texts.count(MISSING_GRADE_TICK) == n_blocks
