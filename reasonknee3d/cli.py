@@ -400,6 +400,29 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _run_real_size_bench(a: argparse.Namespace) -> int:
+    """``bench --real-size [--layers N] [--scale D] [--steps N]``."""
+    import json
+
+    from .bench import RealSizeSettings, print_real_size_table, run_real_size_bench
+    problems = [f"{flag} needs --real-size" for flag, used in (("--layers", a.layers is not None),
+                                                               ("--scale", a.scale != 1), ("--steps", a.steps != 1))
+                if used and not a.real_size]
+    problems += [f"--{name} must be >= 1, got {v}" for name, v in (("layers", a.layers), ("steps", a.steps))
+                 if v is not None and v < 1]
+    if a.scale not in (1, 2, 4):
+        problems.append(f"--scale must be 1, 2 or 4 (a divisor of every head count), got {a.scale}")
+    if a.quick or a.repeats is not None:
+        problems.append("--real-size runs once: --quick and --repeats do not apply")
+    if problems:
+        print(f"reasonknee3d bench: {'; '.join(problems)}", file=sys.stderr)
+        return 2
+    result = run_real_size_bench(a.out, RealSizeSettings(layers=a.layers, width_divisor=a.scale, steps=a.steps))
+    print_real_size_table(result)
+    print(json.dumps(result, indent=1) if a.out is None else f"JSON: {a.out}")
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the performance figures (token ratio, step speedup, cache, scoring, "
                                      "KV cache, MFU) on this machine")
@@ -407,6 +430,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed runs per figure after a warm-up (default: 5, training steps 3; --quick: 2)")
     p.add_argument("--quick", action="store_true", help="smoke test on the tiny configs (under a minute)")
+    p.add_argument("--real-size", action="store_true",
+                   help="instead: preprocess, train and predict with both real presets on a random-weight checkpoint "
+                        "of Qwen2.5-VL-3B's shapes (built once into the user cache), on the GPU when there is one")
+    p.add_argument("--layers", type=int, default=None,
+                   help="--real-size: language-model layers, 3D encoder and vision-tower blocks (default: the real 36 "
+                        "/ 12 / 32)")
+    p.add_argument("--scale", type=int, default=1, metavar="DIVISOR",
+                   help="--real-size: divide hidden sizes and head counts by this (1, 2 or 4; default 1: true shapes)")
+    p.add_argument("--steps", type=int, default=1, help="--real-size: training steps per family (default 1)")
 
     def run(a: argparse.Namespace) -> int:
         import json
@@ -414,6 +446,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
         from .bench import print_table, run_bench
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if a.real_size or a.layers is not None or a.scale != 1 or a.steps != 1:
+            return _run_real_size_bench(a)
         result = run_bench(a.out, repeats=a.repeats, quick=a.quick)
         print_table(result)
         if a.out is None:

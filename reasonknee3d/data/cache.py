@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -23,6 +25,8 @@ from .transforms import PreprocessConfig, preprocess_volume
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 # Bump when the preprocessing code changes the arrays it writes for the same settings.
 CACHE_VERSION = 1
@@ -99,43 +103,126 @@ class VolumeCache:
         return torch.from_numpy(np.array(arr))[None], meta
 
 
+@dataclass
+class CacheFillResult(BatchResult):
+    """``BatchResult`` of ``fill_volume_cache``; ``n_done`` and ``skipped`` cover every process of the run.
+
+    ``rank`` / ``world_size``: this process's place; ``ranks``: per process, in rank order, the volumes it was
+    given (``assigned``), wrote (``written``), found already cached (``present``) and skipped (``skipped``).
+    """
+    rank: int = 0
+    world_size: int = 1
+    ranks: list[dict[str, int]] = field(default_factory=list)
+
+    @property
+    def written(self) -> int:
+        """Entries this process wrote."""
+        return self.ranks[self.rank]["written"] if self.ranks else 0
+
+
+def _gather(payload: Any, world: int) -> list[Any]:
+    """Every rank's ``payload``, in rank order (the calling process's group; itself alone when world is 1)."""
+    if world == 1:
+        return [payload]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, payload)
+    return out
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def fill_volume_cache(root: str | Path, cache_dir: Path, splits: Iterable[str], has: Callable[[Path], bool],
-                      put: Callable[[Path], Any], images: str | Path | None = None) -> BatchResult:
+                      put: Callable[[Path], Any], images: str | Path | None = None,
+                      distributed: bool = False) -> CacheFillResult:
     """Call ``put(image_path)`` for every volume of ``splits`` (each once) for which ``has`` is false.
 
     Shared by the volume cache and the slice baseline's feature cache: bad volumes are skipped and listed
     in ``<cache_dir>/preprocess_skipped.jsonl``; ``n_done`` counts entries written or already present.
+
+    ``distributed``: split the volumes over the processes of a torchrun / accelerate launch (an initialized
+    ``torch.distributed`` group, else one joined from ``RANK`` / ``WORLD_SIZE`` for this call,
+    ``distributed.process_group_from_env``). The volumes, in release order without repeats, are the same list
+    on every rank; volume i goes to rank i % world size, so the parts are disjoint and balanced whatever is
+    already cached, and a volume is never written by two processes (each entry is written atomically anyway).
+    When all are done, every rank's counts and skipped items are gathered (one ``all_gather_object``): rank 0
+    writes the one skipped list, in release order as a single process would, the others wait for it at a
+    barrier, and every rank returns the same totals. A rank that fails with an unexpected error still joins the
+    gather, so the others raise an error naming it instead of waiting forever. Every rank must call this
+    together; the training path (one process fills the cache while the others wait) leaves it False.
     """
+    from contextlib import nullcontext
+
+    from .distributed import process_group_from_env, shard
+
     loader = ReleaseLoader(root, images=images)
     seen: set[Path] = set()
-    skipped: list[Skipped] = []
-    n_done = 0
+    problems: list[Skipped] = []
+    volumes: list[tuple[int, str, Any]] = []  # (release order, split, record), each image once
     for split in splits:
-        records, problems = loader.volume_rows(split)  # unusable CSV rows are listed, not fatal
-        skipped += [Skipped(f"{split} {p.csv.name} line {p.line}", p.reason, p.kind) for p in problems]
+        records, row_problems = loader.volume_rows(split)  # unusable CSV rows are listed, not fatal
+        problems += [Skipped(f"{split} {p.csv.name} line {p.line}", p.reason, p.kind) for p in row_problems]
         for vol in records:
-            if vol.image_path in seen:
-                continue
-            seen.add(vol.image_path)
-            try:
-                if not has(vol.image_path):
-                    put(vol.image_path)
-                n_done += 1
-            except (VolumeError, ReleaseError, CacheMiss) as e:
-                skipped.append(Skipped(f"{split} {vol.volume_id}", str(e)))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return BatchResult(out=cache_dir, n_done=n_done, skipped=skipped,
-                       skipped_path=write_skipped(cache_dir / SKIPPED_FILE, skipped))
+            if vol.image_path not in seen:
+                seen.add(vol.image_path)
+                volumes.append((len(volumes), split, vol))
+    group = process_group_from_env() if distributed else nullcontext((0, 1))
+    with group as (rank, world):
+        mine = shard(volumes, rank, world)
+        failed: list[tuple[int, Skipped]] = []
+        counts = {"rank": rank, "assigned": len(mine), "written": 0, "present": 0, "skipped": 0}
+        error: Exception | None = None
+        try:
+            for index, split, vol in mine:
+                try:
+                    if has(vol.image_path):
+                        counts["present"] += 1
+                    else:
+                        put(vol.image_path)
+                        counts["written"] += 1
+                except (VolumeError, ReleaseError, CacheMiss) as e:
+                    failed.append((index, Skipped(f"{split} {vol.volume_id}", str(e))))
+                    counts["skipped"] += 1
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            if world == 1:
+                raise
+            error = e
+        logger.info("%s: rank %d of %d: %d volumes, %d written, %d already cached, %d skipped", cache_dir, rank,
+                    world, counts["assigned"], counts["written"], counts["present"], counts["skipped"])
+        gathered = _gather((counts, failed, None if error is None else f"{type(error).__name__}: {error}"), world)
+        if error is not None:
+            raise error
+        errors = [f"rank {r}: {msg}" for r, (_, _, msg) in enumerate(gathered) if msg is not None]
+        if errors:
+            raise RuntimeError(f"filling {cache_dir}: another process failed ({'; '.join(errors)})")
+        skipped = problems + [s for _, s in sorted((f for _, part, _ in gathered for f in part), key=lambda f: f[0])]
+        per_rank = [c for c, _, _ in gathered]
+        n_done = sum(c["written"] + c["present"] for c in per_rank)
+        skipped_path = cache_dir / SKIPPED_FILE
+        if rank == 0:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            write_skipped(skipped_path, skipped)
+        _barrier(world)  # the list is complete before any rank reports it
+    return CacheFillResult(out=cache_dir, n_done=n_done, skipped=skipped,
+                           skipped_path=skipped_path if skipped else None, rank=rank, world_size=world,
+                           ranks=per_rank)
 
 
 def preprocess_release(root: str | Path, cfg: PreprocessConfig, splits: Iterable[str] = ("train", "val", "test"),
-                       cache_dir: str | Path | None = None, images: str | Path | None = None) -> BatchResult:
+                       cache_dir: str | Path | None = None, images: str | Path | None = None,
+                       distributed: bool = False) -> CacheFillResult:
     """Fill the volume cache for every volume of ``splits`` (see ``fill_volume_cache``). ``cache_dir``: the
     volume cache folder itself; unset: ``volumes/`` under ``cfg.cache_dir`` or ``<root>/cache``. ``images``
-    (default ``cfg.images``): where volumes are found by name when the written paths do not exist."""
+    (default ``cfg.images``): where volumes are found by name when the written paths do not exist.
+    ``distributed``: split the volumes over the processes of a torchrun / accelerate launch."""
     cache = VolumeCache(cache_dir if cache_dir is not None else cache_root(root, cfg.cache_dir) / "volumes", cfg)
     return fill_volume_cache(root, cache.dir, splits, cache.has, cache.put,
-                             images=images if images is not None else cfg.images)
+                             images=images if images is not None else cfg.images, distributed=distributed)
 
 
 def bench_cache(work_dir: str | Path, shape: tuple[int, int, int] = (160, 384, 384),

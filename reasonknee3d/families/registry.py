@@ -79,7 +79,9 @@ class Family(abc.ABC):
     def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str]) -> Any:
         """Fill the family's cache for ``splits`` of the release (``reasonknee3d preprocess``) under
         ``exp.data.cache_dir`` (default ``<release>/cache``), volumes found through ``exp.data.images`` when the
-        written paths do not exist; returns the data layer's ``BatchResult`` (done, skipped with reasons)."""
+        written paths do not exist; returns the data layer's ``BatchResult`` (done, skipped with reasons).
+        Under torchrun / accelerate launch every process calls this and they split the volumes between them
+        (``data.cache.fill_volume_cache(distributed=True)``)."""
 
     @abc.abstractmethod
     def num_visual_tokens(self, exp: "ExperimentConfig", volume_shape: Sequence[int]) -> int:

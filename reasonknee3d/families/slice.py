@@ -56,7 +56,7 @@ class SliceFamily(Family):
         from ..data.release import cache_root
         from ..models.slice.modeling_slice import preprocess_slice_features
         return preprocess_slice_features(data_dir, exp.model, cache_root(data_dir, exp.data.cache_dir) / "slice_features",
-                                         splits, images=exp.data.images)
+                                         splits, images=exp.data.images, distributed=True)
 
     def num_visual_tokens(self, exp: "ExperimentConfig", volume_shape: Sequence[int]) -> int:
         from ..models.slice.processing_slice import token_count

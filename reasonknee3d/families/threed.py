@@ -55,7 +55,7 @@ class ReasonKnee3DFamily(Family):
 
     def preprocess(self, exp: "ExperimentConfig", data_dir: str | Path, splits: Sequence[str]) -> Any:
         from ..data.cache import preprocess_release
-        return preprocess_release(data_dir, exp.data, splits)
+        return preprocess_release(data_dir, exp.data, splits, distributed=True)
 
     def num_visual_tokens(self, exp: "ExperimentConfig", volume_shape: Sequence[int]) -> int:
         # Every volume is resized to data.input_shape first, so the count does not depend on volume_shape.

@@ -35,6 +35,41 @@ QWEN2_5_VL_3B_TEXT: dict[str, Any] = dict(
     num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
 
+# The vision tower of Qwen2.5-VL-3B-Instruct (its config.json vision_config) as ``TinyQwenSizes`` fields.
+QWEN2_5_VL_3B_VISION: dict[str, Any] = dict(
+    vision_hidden_size=1280, vision_intermediate_size=3420, vision_depth=32, vision_num_heads=16,
+    vision_fullatt_every=8, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
+
+
+def qwen2_5_vl_3b_sizes(layers: Optional[int] = None, vision_layers: Optional[int] = None,
+                        width_divisor: int = 1) -> dict[str, Any]:
+    """``TinyQwenSizes`` overrides that give ``build_tiny_qwen2_5_vl`` the shapes of Qwen2.5-VL-3B-Instruct:
+    text part from ``QWEN2_5_VL_3B_TEXT``, vision tower from ``QWEN2_5_VL_3B_VISION``, the embedding's 151,936
+    rows, bfloat16 weights. Only the tokenizer differs (the package's small BPE with Qwen's special tokens).
+
+    ``layers`` / ``vision_layers``: fewer decoder layers / vision blocks (None: the real 36 / 32).
+    ``width_divisor``: hidden, MLP and head counts divided by it (1: the real widths; head dims stay 128 and
+    80, the embedding keeps every row), for runs that must fit a small machine.
+    """
+    t, v, d = QWEN2_5_VL_3B_TEXT, QWEN2_5_VL_3B_VISION, int(width_divisor)
+    if d < 1 or t["num_attention_heads"] % d or v["vision_num_heads"] % d:
+        raise ValueError(f"width_divisor {width_divisor}: expected a divisor of the 3B model's head counts "
+                         f"({t['num_attention_heads']} text, {v['vision_num_heads']} vision)")
+    for name, n in (("layers", layers), ("vision_layers", vision_layers)):
+        if n is not None and n < 1:
+            raise ValueError(f"{name}: expected >= 1, got {n}")
+    heads = t["num_attention_heads"] // d
+    sizes = dict(
+        hidden_size=t["hidden_size"] // d, intermediate_size=t["intermediate_size"] // d,
+        num_hidden_layers=layers or t["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=min(t["num_key_value_heads"], heads), rope_theta=t["rope_parameters"]["rope_theta"],
+        max_position_embeddings=t["max_position_embeddings"], vocab_rows=t["vocab_size"], dtype="bfloat16",
+        **v)
+    sizes.update(vision_hidden_size=v["vision_hidden_size"] // d, vision_intermediate_size=v["vision_intermediate_size"] // d,
+                 vision_num_heads=v["vision_num_heads"] // d, vision_depth=vision_layers or v["vision_depth"])
+    return sizes
+
+
 # Qwen2-VL / Qwen2.5-VL chat template as shipped in the official checkpoints (tokenizer_config.json).
 QWEN_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -95,8 +130,21 @@ class TinyQwenSizes:
     """Byte-level BPE vocabulary learned from the corpus (before special tokens) [151643]."""
     seed: int = 0
     """Seed of the random weights."""
+    vocab_rows: int = 0
+    """Rows of the (tied) embedding; 0: the tokenizer's size rounded up to 64 [151936]. Rows beyond the
+    tokenizer are spare, as in the real checkpoint."""
+    vision_fullatt_every: int = 0
+    """Every n-th vision block (n-1, 2n-1, ...) attends over the whole frame, the others within windows; the
+    last block always does. 0: only the last [8: blocks 7, 15, 23, 31]."""
+    dtype: str = "float32"
+    """dtype the weights are saved in: float32, bfloat16 or float16 [bfloat16]."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"tiny Qwen: dtype {self.dtype!r}; expected float32, bfloat16 or float16")
+        if self.vocab_rows < 0 or self.vision_fullatt_every < 0:
+            raise ValueError(f"tiny Qwen: vocab_rows {self.vocab_rows} and vision_fullatt_every "
+                             f"{self.vision_fullatt_every} must be >= 0")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"tiny Qwen: hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -206,7 +254,11 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, corpus: Optional[Iterable[
     head_dim = s.hidden_size // s.num_attention_heads
     # Like the real checkpoint, the embedding has spare rows beyond the tokenizer (151936 > 151665), so
     # added tokens first use free rows and resizing is only needed past them.
-    vocab_rows = -(-(len(tokenizer) + 1) // 64) * 64
+    vocab_rows = s.vocab_rows or -(-(len(tokenizer) + 1) // 64) * 64
+    if vocab_rows < len(tokenizer):
+        raise ValueError(f"tiny Qwen: vocab_rows {vocab_rows} is fewer than the tokenizer's {len(tokenizer)} tokens")
+    full_attention = sorted({*range(s.vision_fullatt_every - 1, s.vision_depth, s.vision_fullatt_every or
+                                    s.vision_depth + 1), s.vision_depth - 1} - {-1})
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab_rows, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
@@ -221,12 +273,12 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, corpus: Optional[Iterable[
             num_heads=s.vision_num_heads, patch_size=s.patch_size, spatial_merge_size=s.spatial_merge_size,
             temporal_patch_size=s.temporal_patch_size, tokens_per_second=s.tokens_per_second,
             window_size=s.patch_size * s.spatial_merge_size * 4, out_hidden_size=s.hidden_size,
-            fullatt_block_indexes=[s.vision_depth - 1]),
+            fullatt_block_indexes=full_attention),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
         tie_word_embeddings=True)
     torch.manual_seed(s.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, s.dtype))
     model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
     model.generation_config.pad_token_id = ids[ENDOFTEXT]
 

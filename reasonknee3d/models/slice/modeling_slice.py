@@ -90,15 +90,18 @@ def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineCon
                               cache_dir: Optional[str | os.PathLike] = None,
                               splits: Iterable[str] = ("train", "val", "test"),
                               model_dir: Optional[str | os.PathLike] = None,
-                              images: Optional[str | os.PathLike] = None) -> Any:
-    """Fill the feature cache for every volume of ``splits`` (each once); returns a ``release.BatchResult``.
+                              images: Optional[str | os.PathLike] = None, distributed: bool = False) -> Any:
+    """Fill the feature cache for every volume of ``splits`` (each once); returns a ``cache.CacheFillResult``.
 
     The vision tower comes from ``model_dir`` (a slice model folder) or else from the config's base
     checkpoint; both give the same features when they hold the same vision weights. The default cache
     folder is ``<data_dir>/cache/slice_features``. Unreadable volumes are skipped and listed in
-    ``<cache_dir>/preprocess_skipped.jsonl``.
+    ``<cache_dir>/preprocess_skipped.jsonl``. ``distributed``: split the volumes over the processes of a
+    torchrun / accelerate launch (``data.cache.fill_volume_cache``), each running the tower on its own GPU
+    (``cuda:LOCAL_RANK``).
     """
     from ...data.cache import fill_volume_cache
+    from ...data.distributed import local_device
     from ...data.io import load_volume
     from ...data.release import ReleaseLoader
 
@@ -107,7 +110,7 @@ def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineCon
     model, processor = load_slice_model(model_dir) if model_dir is not None else build_slice_model(cfg)
     model.eval()
     if torch.cuda.is_available():
-        model.to("cuda")
+        model.to(local_device())
     cache = SliceFeatureCache.for_model(cache_dir if cache_dir is not None else loader.root / "cache" / "slice_features",
                                         model, cfg)
 
@@ -116,6 +119,7 @@ def preprocess_slice_features(data_dir: str | os.PathLike, cfg: SliceBaselineCon
         feats, grid = compute_video_features(model, processor, cfg, volume_to_frames(volume, cfg))
         cache.save(image_path, CachedFeatures(feats, grid, meta.shape))
 
-    result = fill_volume_cache(loader.root, cache.dir, splits, cache.has, put, images=images)
+    result = fill_volume_cache(loader.root, cache.dir, splits, cache.has, put, images=images,
+                               distributed=distributed)
     logger.info("slice features: %d volumes in %s, %d skipped", result.n_done, cache.dir, len(result.skipped))
     return result
