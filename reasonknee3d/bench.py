@@ -849,7 +849,8 @@ def real_size_checkpoint(s: RealSizeSettings) -> tuple[Path, dict[str, Any]]:
     from .models.tiny_qwen import TINY_BUILD_MARKER, default_tiny_qwen_dir, qwen2_5_vl_3b_sizes
 
     sizes = qwen2_5_vl_3b_sizes(s.layers, s.layers, s.width_divisor)
-    cached = (default_tiny_qwen_dir(build=False, **sizes) / TINY_BUILD_MARKER).is_file()
+    path = default_tiny_qwen_dir(build=False, **sizes)
+    cached = (path / TINY_BUILD_MARKER).is_file()
     t0 = time.perf_counter()
     if not cached:
         logger.info("building the real-size checkpoint %s", path)
