@@ -203,8 +203,15 @@ def classify(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: s
         for first in range(0, len(volumes), batch_size):
             chunk = volumes[first:first + batch_size]
             tensors, rois, specs, rows = [], [], [], []
-            for row, image_path in enumerate(chunk):
-                volume, meta = cache.read_tensor(image_path)  # (1, S, H, W) float16
+            for image_path in chunk:
+                try:
+                    volume, meta = cache.read_tensor(image_path)  # (1, S, H, W) float16
+                except Exception as err:  # noqa: BLE001 - an unreadable cache entry skips that volume's samples
+                    reason = f"cached volume of {image_path} unreadable: {type(err).__name__}: {err}"
+                    skipped += [Skipped(s.sample_id, reason) for s in by_volume[image_path]]
+                    logger.warning("classify: skipped %d samples: %s", len(by_volume[image_path]), reason)
+                    continue
+                row = len(tensors)
                 tensors.append(volume)
                 orig_shape = tuple(int(v) for v in meta["orig_shape"])
                 input_shape = tuple(volume.shape[1:])
@@ -219,6 +226,8 @@ def classify(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: s
                     rois.append((row, model_box))
                     specs.append(get_question(s.question_id))
                     rows.append((s, box, source))
+            if not tensors:
+                continue
             grades = clf.grade(torch.stack(tensors), rois, specs)
             for (s, box, source), spec, severity in zip(rows, specs, grades):
                 text = format_answer(spec, reasoning_steps(spec, severity), box, severity)

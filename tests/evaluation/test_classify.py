@@ -211,3 +211,24 @@ def test_loader_errors_name_the_file(trained, tmp_path) -> None:
     (copy / "region_heads.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a region_grades output folder"):
         load_region_grade_model(copy)
+
+
+def test_an_unreadable_cached_volume_skips_its_samples_and_lists_them(trained, tmp_path, monkeypatch) -> None:
+    release, rg = trained
+    samples = list(iter_samples(release, "test"))
+    bad = samples[0].image_path
+    real = VolumeCache.read_tensor
+
+    def read(self, image_path):
+        if Path(image_path) == Path(bad):
+            raise OSError("truncated file")
+        return real(self, image_path)
+    monkeypatch.setattr(VolumeCache, "read_tensor", read)
+    out = tmp_path / "p.jsonl"
+    result = classify(rg, release, "test", out)
+    lost = [s.sample_id for s in samples if s.image_path == bad]
+    assert sorted(sk.item for sk in result.skipped) == sorted(lost)
+    assert "truncated file" in result.skipped[0].reason
+    assert result.n_written == len(samples) - len(lost)
+    listed = [json.loads(line) for line in result.skipped_path.read_text().splitlines()]
+    assert len(listed) == len(lost)
