@@ -232,3 +232,48 @@ def test_an_unreadable_cached_volume_skips_its_samples_and_lists_them(trained, t
     assert result.n_written == len(samples) - len(lost)
     listed = [json.loads(line) for line in result.skipped_path.read_text().splitlines()]
     assert len(listed) == len(lost)
+
+
+def test_classifier_auc_script_counts_the_split_and_ranks_by_the_heads(trained, monkeypatch) -> None:
+    """scripts/classifier_auc.py: per category, the boxed samples and abnormal references of the split, and an
+    AUC of 1 when the grade-0 probability is made to follow the reference (planted through the pooled feature)."""
+    import importlib.util
+    import sys
+
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("classifier_auc", scripts / "classifier_auc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    release, rg = trained
+    samples = [s for s in iter_samples(release, "test") if s.box is not None]
+    result = module.classifier_auc(str(rg), str(release))
+    for category, r in result.items():
+        mine = [s for s in samples if get_question(s.question_id).category == category]
+        assert r["n"] == len(mine)
+        assert r["abnormal"] == sum(s.severity[get_question(s.question_id).fields[0].key] != 0 for s in mine)
+        assert r["auc"] is None or 0.0 <= r["auc"] <= 1.0
+    # Plant the truth: roi_pool returns a feature whose first entry says whether the reference is abnormal, and
+    # every head's grade-0 logit is minus that entry, so the AUC of every category with both kinds is 1.
+    truth = iter([float(s.severity[get_question(s.question_id).fields[0].key] != 0)
+                  for path in dict.fromkeys(s.image_path for s in samples)
+                  for s in samples if s.image_path == path])
+
+    def planted(features, grid, shape, rows, boxes):
+        out = torch.zeros(len(rows), features.shape[-1])
+        out[:, 0] = torch.tensor([next(truth) for _ in rows])
+        return out
+    monkeypatch.setattr(module, "roi_pool", planted)
+    real_load = module.load_region_classifier
+
+    def load(path):
+        clf = real_load(path)
+        with torch.no_grad():
+            for key, head in clf.model.heads.items():
+                head.weight.zero_()
+                head.bias.zero_()
+                head.weight[clf.model.grades[key].index(0), 0] = -10.0
+        return clf
+    monkeypatch.setattr(module, "load_region_classifier", load)
+    mixed = [r for r in module.classifier_auc(str(rg), str(release)).values() if 0 < r["abnormal"] < r["n"]]
+    assert mixed and all(r["auc"] == pytest.approx(1.0) for r in mixed)
