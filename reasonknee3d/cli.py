@@ -330,7 +330,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="batched generation with a trained model -> predictions JSONL (resumable)")
-    p.add_argument("--model", type=Path, required=True, help="model folder (checkpoint-N, final, merged or init)")
+    p.add_argument("--model", type=Path, required=True, help="model folder (checkpoint-N, final, merged or init), or a region_grades output folder")
     p.add_argument("--data", type=Path, required=True, help="release root")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "test_balanced"),
                    help="split to answer")
@@ -341,14 +341,27 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_location_options(p)
     p.add_argument("--unconstrained", action="store_true",
                    help="plain greedy decoding (no box / severity logits processors)")
+    p.add_argument("--boxes", default=None, metavar="reference|P.jsonl",
+                   help="a region_grades --model (the direct 3D classifier) grades in these boxes: the release's "
+                        "(reference, the default) or those of another model's predictions file")
 
     def run(a: argparse.Namespace) -> int:
+        from .evaluation.classify import REFERENCE_BOXES, classify, is_region_grades_dir
         from .evaluation.predict import predict
-        res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
-                      constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
-                      cache_dir=a.cache_dir)
+        if is_region_grades_dir(a.model):
+            res = classify(a.model, a.data, a.split, a.out, boxes=a.boxes or REFERENCE_BOXES,
+                           batch_size=a.batch_size, limit=a.limit, images=a.images, cache_dir=a.cache_dir)
+        elif a.boxes is not None:
+            raise ValueError(f"--boxes is for a region_grades folder (the direct 3D classifier); {a.model} "
+                             f"is not one (no region_heads.json and encoder/)")
+        else:
+            res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
+                          constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
+                          cache_dir=a.cache_dir)
         print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
               f"-> {res.out}")
+        if getattr(res, "box_sources", None):
+            print("boxes: " + ", ".join(f"{n} {k}" for k, n in res.box_sources.items() if n))
         if res.skipped:
             from .evaluation.predict import skipped_summary
             print(f"{len(res.skipped)} skipped (a rerun tries them again), listed in {res.skipped_path}:",

@@ -52,11 +52,19 @@ class DemoSettings:
     """Score only the first N test samples (None: all)."""
     pictures: int = 2
     """``infer`` pictures written for the 3D-native model."""
+    pretrain_steps: int = 300
+    """Steps of ``train.stage: region_grades`` (batch ``batch_size`` volumes) before the 3D-native model trains;
+    its encoder then starts from the pretrained one, and the region_grades model itself is the ``3d_classifier``
+    row. 0: no pretraining and no classifier rows."""
 
+
+CLASSIFIER_ROWS = {"3d_classifier": "predictions_3d.jsonl", "3d_classifier_reference_boxes": "reference"}
+"""Rows of the direct 3D classifier (``evaluation/classify.py``) -> where its boxes come from: the 3D-native
+model's predictions, or the release's boxes (an oracle for localization, reported apart from the table)."""
 
 DEMO_ENTRIES = ("release", "runs", "reports", "pictures", "references_train.jsonl", "references_test.jsonl",
-                *(f"predictions_{f}{sfx}.jsonl" for f in DEMO_MODELS for sfx in ("", ".skipped")),
-                "comparison.json", "comparison.md", "comparison.png")
+                *(f"predictions_{f}{sfx}.jsonl" for f in (*DEMO_MODELS, *CLASSIFIER_ROWS) for sfx in ("", ".skipped")),
+                "comparison.json", "comparison.md", "comparison.png", "demo_timings.json")
 """What the demo writes under its folder (and all that ``overwrite`` deletes, with the marker)."""
 
 
@@ -86,7 +94,8 @@ def prepare_demo_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> st
     return "new" if earlier is None else "overwrite"
 
 
-QUICK = DemoSettings(volumes=6, max_steps=10, batch_size=4, max_new_tokens=160, test_limit=16, pictures=1)
+QUICK = DemoSettings(volumes=6, max_steps=10, batch_size=4, max_new_tokens=160, test_limit=16, pictures=1,
+                     pretrain_steps=10)
 
 
 def _experiment(row: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:
@@ -94,14 +103,36 @@ def _experiment(row: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:
     return load_experiment_config(DEMO_MODELS[row], overrides)
 
 
-def _train(row: str, release: Path, run_dir: Path, s: DemoSettings) -> tuple[Path, float]:
+def _pretrain(release: Path, run_dir: Path, s: DemoSettings) -> tuple[Path, float]:
+    """``train.stage: region_grades`` on the 3D preset's encoder; returns its output folder and seconds."""
+    from .training.trainer import run_training
+
+    timing = run_dir / "demo_train_seconds.json"
+    if (run_dir / "encoder").is_dir() and timing.is_file():
+        return run_dir, float(json.loads(timing.read_text())["seconds"])
+    exp = _experiment("3d", [
+        "train.stage=region_grades", "train.encoder=full", "train.projector=frozen", "train.language_model=frozen",
+        "train.new_token_rows=false", f"train.data_dir={json.dumps(str(release))}",
+        f"train.output_dir={json.dumps(str(run_dir))}", f"train.max_steps={s.pretrain_steps}",
+        f"train.per_device_batch_size={s.batch_size}", f"train.seed={s.seed}",
+        f"train.learning_rate={s.learning_rate}"])
+    t0 = time.perf_counter()
+    result = run_training(exp)
+    seconds = time.perf_counter() - t0
+    write_json(timing, {"seconds": seconds, "global_step": result.global_step})
+    return run_dir, seconds
+
+
+def _train(row: str, release: Path, run_dir: Path, s: DemoSettings,
+           encoder_from: Optional[Path] = None) -> tuple[Path, float]:
     from .training.trainer import run_training
 
     final = run_dir / "final"
     timing = run_dir / "demo_train_seconds.json"
     if final.is_dir() and timing.is_file():
         return final, float(json.loads(timing.read_text())["seconds"])
-    exp = _experiment(row, [
+    start = [f"model.encoder.init_from={json.dumps(str(encoder_from))}"] if encoder_from is not None else []
+    exp = _experiment(row, [*start,
         f"train.data_dir={release}", f"train.output_dir={run_dir}", f"train.max_steps={s.max_steps}",
         f"train.per_device_batch_size={s.batch_size}", f"train.save_steps={max(s.max_steps, 1)}",
         f"train.seed={s.seed}", f"train.learning_rate={s.learning_rate}"])
@@ -117,10 +148,15 @@ def _row(report: dict[str, Any], key: str) -> dict[str, float]:
 
 
 def comparison_table(reports: dict[str, dict], extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{"3d": {...}, "slice": {...}, "majority": {...}}`` with the table's metrics (majority from the 3D report)."""
-    table = {name: {**_row(rep, "overall"), **extra.get(name, {})} for name, rep in reports.items()}
+    """``{"3d": {...}, "slice": {...}, [classifier rows], "majority": {...}}`` with the table's metrics (majority
+    from the 3D report); the classifier in reference boxes comes last, after the majority row."""
+    table = {name: {**_row(rep, "overall"), **extra.get(name, {})} for name, rep in reports.items()
+             if name != "3d_classifier_reference_boxes"}
     first = next(iter(reports.values()))
     table["majority"] = {**_row(first, "majority_baseline"), "train_seconds": None, "visual_tokens": None}
+    if "3d_classifier_reference_boxes" in reports:
+        table["3d_classifier_reference_boxes"] = {**_row(reports["3d_classifier_reference_boxes"], "overall"),
+                                                  **extra.get("3d_classifier_reference_boxes", {})}
     return table
 
 
@@ -133,7 +169,8 @@ def _title(quick: bool) -> str:
     return "ReasonKnee-Bench, synthetic test split" + (" - SMOKE TEST (--quick), not a comparison" if quick else "")
 
 
-def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = False) -> str:
+def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = False,
+              timings: Optional[dict[str, float]] = None) -> str:
     cols = [*TABLE_METRICS, "train_seconds", "visual_tokens"]
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["# reasonknee3d demo: 3D-native vs slice baseline on the synthetic test split"
@@ -141,10 +178,24 @@ def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = F
              *([f"**{SMOKE_TEST_NOTE[0].upper()}{SMOKE_TEST_NOTE[1:]}.**", ""] if quick else []),
              f"Settings: {json.dumps(asdict(s))}", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    oracle = "3d_classifier_reference_boxes"
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
-    lines += ["", "Full reports: `reports/3d/report.md`, `reports/slice/report.md`. The majority baseline answers "
+        if name != oracle:
+            lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+    lines += ["", "Full reports: `reports/<row>/report.md`. The majority baseline answers "
               "the most common train grade per (question, field) and the per-question median train box."]
+    if "3d_classifier" in table:
+        lines += ["", "`3d_classifier`: the region_grades model (the 3D model's pretrained encoder and one linear "
+                  "head per category and field) grading in the boxes the 3D-native model wrote, no language model; "
+                  f"boxes: {json.dumps(table['3d_classifier'].get('box_sources'))}. Its train_seconds are the "
+                  "pretraining's."]
+    if oracle in table:
+        lines += ["", "The same classifier in the reference boxes (an oracle for localization, so its IoU is 1 and "
+                  "it is not comparable with the rows above):", "",
+                  "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+                  f"| {oracle} | " + " | ".join(fmt(table[oracle].get(c)) for c in cols) + " |"]
+    if timings:
+        lines += ["", "Time split (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -277,22 +328,48 @@ def _run_demo(out: Path, quick: bool, settings: Optional[DemoSettings], overwrit
         write_text(refs["test"], "\n".join(lines) + "\n")
 
     reports, extra, models = {}, {}, {}
+    timings: dict[str, float] = {}
+    pretrained: Optional[Path] = None
+    if s.pretrain_steps > 0:
+        step(f"pretraining the 3D encoder on the grades in each reference box ({s.pretrain_steps} steps)")
+        pretrained, timings["pretrain"] = _pretrain(release, out / "runs" / "region_grades", s)
     for row in DEMO_MODELS:
-        step(f"training the tiny {row} model ({s.max_steps} steps, batch {s.batch_size})")
-        models[row], seconds = _train(row, release, out / "runs" / row, s)
+        step(f"training the tiny {row} model ({s.max_steps} steps, batch {s.batch_size})"
+             + (", encoder from the pretraining" if row == "3d" and pretrained is not None else ""))
+        models[row], seconds = _train(row, release, out / "runs" / row, s,
+                                      encoder_from=pretrained / "encoder" if row == "3d" and pretrained else None)
+        timings[f"train_{row}"] = seconds
         step(f"predicting the test split with the {row} model")
+        t0 = time.perf_counter()
         preds = out / f"predictions_{row}.jsonl"
         pred = predict(models[row], release, "test", preds, batch_size=16, limit=s.test_limit,
                        max_new_tokens=s.max_new_tokens)
         if pred.skipped:
             raise RuntimeError(f"predict skipped {len(pred.skipped)} test samples of the {row} model: see "
                                f"{pred.skipped_path}")
+        timings[f"predict_{row}"] = time.perf_counter() - t0
         reports[row] = score_files(preds, refs["test"], out / "reports" / row, majority_source=refs["train"])
         extra[row] = {"train_seconds": round(seconds, 1), "visual_tokens": _visual_tokens(row, s.shape)}
+    if pretrained is not None:
+        from .evaluation.classify import classify
+        for row, boxes in CLASSIFIER_ROWS.items():
+            step(f"grading the test split with the region_grades model ({row})")
+            t0 = time.perf_counter()
+            preds = out / f"predictions_{row}.jsonl"
+            res = classify(pretrained, release, "test", preds, boxes=boxes if boxes == "reference" else out / boxes,
+                           limit=s.test_limit)
+            if res.skipped:
+                raise RuntimeError(f"the classifier skipped {len(res.skipped)} test samples: see {res.skipped_path}")
+            timings[f"predict_{row}"] = time.perf_counter() - t0
+            reports[row] = score_files(preds, refs["test"], out / "reports" / row, majority_source=refs["train"])
+            extra[row] = {"train_seconds": round(timings["pretrain"], 1), "visual_tokens": None,
+                          "box_sources": res.box_sources if res.n_written else None}
 
     table = comparison_table(reports, extra)
+    timings["total"] = time.perf_counter() - t_start
     write_json(out / "comparison.json", table)
-    write_text(out / "comparison.md", _markdown(table, s, smoke))
+    write_json(out / "demo_timings.json", timings)
+    write_text(out / "comparison.md", _markdown(table, s, smoke, timings))
     _plot(table, out / "comparison.png", smoke)
 
     step("writing infer pictures")

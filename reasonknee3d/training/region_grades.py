@@ -22,85 +22,20 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..boxes import mirror_boxes, scale_boxes
 from ..config import ConfigError
 from ..io_utils import atomic_dir, atomic_path, write_json, write_jsonl
+# The model and its pooling live with the 3D model (the direct classifier in evaluation/ uses them too).
+from ..models.reasonknee3d.region_heads import (HEADS_FILE, HEADS_WEIGHTS, RegionGradeModel, box_cells,  # noqa: F401
+                                                grade_heads, head_key, roi_pool)
 from ..schema import load_schema
 
 logger = logging.getLogger(__name__)
-
-Grid = tuple[int, int, int]
-
-
-def head_key(category: str, field: str) -> str:
-    """ModuleDict key of the head of one (category, field): dots are not allowed in module names."""
-    return f"{category}|{field}".replace(".", "_")
-
-
-def grade_heads() -> dict[str, list[int]]:
-    """Head key -> the grades its classes stand for (ascending; the union over the category's questions)."""
-    grades: dict[str, set[int]] = defaultdict(set)
-    for spec in load_schema().values():
-        for f in spec.fields:
-            grades[head_key(spec.category, f.key)].update(f.grades)
-    return {k: sorted(v) for k, v in sorted(grades.items())}
-
-
-def box_cells(box: Sequence[int], volume_shape: Sequence[int], grid: Grid) -> list[slice]:
-    """Grid cells (one slice per axis) that an inclusive voxel box of a ``volume_shape`` volume overlaps."""
-    cells = []
-    for a in range(3):
-        size, g = volume_shape[a], grid[a]
-        lo = min(g - 1, max(0, box[2 * a] * g // size))
-        hi = min(g - 1, max(lo, box[2 * a + 1] * g // size))
-        cells.append(slice(lo, hi + 1))
-    return cells
-
-
-def roi_pool(features: torch.Tensor, grid: Grid, volume_shape: Sequence[int], rows: Sequence[int],
-             boxes: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``(R, C)``: the mean of ``features`` (B, D*H*W, C, grid order) over the cells of each box of its row."""
-    cube = features.view(features.shape[0], *grid, features.shape[-1])
-    return torch.stack([cube[(row, *box_cells(box, volume_shape, grid))].mean(dim=(0, 1, 2))
-                        for row, box in zip(rows, boxes)])
-
-
-class RegionGradeModel(nn.Module):
-    """A volume encoder plus one linear grade head per (category, field)."""
-
-    def __init__(self, encoder: nn.Module, heads: dict[str, list[int]]) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.grades = {k: list(v) for k, v in heads.items()}
-        width = encoder.config.hidden_size
-        self.heads = nn.ModuleDict({k: nn.Linear(width, len(v)) for k, v in self.grades.items()})
-
-    def forward(self, volumes: torch.Tensor, rois: list[tuple[int, list[int]]],
-                targets: list[tuple[int, str, int]]) -> dict[str, Any]:
-        """``rois``: (batch row, box in input voxels); ``targets``: (roi index, head key, class index).
-
-        Returns ``loss`` (mean cross-entropy over the targets), ``correct`` and ``n`` (argmax hits, targets).
-        """
-        features, grid = self.encoder(volumes)
-        pooled = roi_pool(features, grid, volumes.shape[2:], [r for r, _ in rois], [b for _, b in rois])
-        by_head: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for roi, key, cls in targets:
-            by_head[key].append((roi, cls))
-        losses, correct = [], 0
-        for key, pairs in by_head.items():
-            idx = torch.tensor([p[0] for p in pairs], device=pooled.device)
-            cls = torch.tensor([p[1] for p in pairs], device=pooled.device)
-            logits = self.heads[key](pooled[idx]).float()
-            losses.append(F.cross_entropy(logits, cls, reduction="sum"))
-            correct += int((logits.argmax(-1) == cls).sum())
-        return {"loss": torch.stack(losses).sum() / len(targets), "correct": correct, "n": len(targets)}
 
 
 class RegionGradeDataset(Dataset):
@@ -252,9 +187,9 @@ def run_region_grades(exp: Any) -> RegionGradeResult:
     with atomic_dir(final_dir) as tmp:
         encoder.save_pretrained(tmp)
     from safetensors.torch import save_file
-    with atomic_path(out / "region_heads.safetensors") as tmp:
+    with atomic_path(out / HEADS_WEIGHTS) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(tmp))
-    write_json(out / "region_heads.json", {"grades": heads, "hidden_size": encoder.config.hidden_size})
+    write_json(out / HEADS_FILE, {"grades": heads, "hidden_size": encoder.config.hidden_size})
     write_jsonl(out / "metrics.jsonl", logs)
     if dataset.skipped:
         write_jsonl(out / "skipped.jsonl", [{"item": sid, "reason": why} for sid, why in dataset.skipped])
