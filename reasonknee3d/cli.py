@@ -417,7 +417,7 @@ def _run_real_size_bench(a: argparse.Namespace) -> int:
     """``bench --real-size [--layers N] [--scale D] [--steps N]``."""
     import json
 
-    from .bench import RealSizeSettings, print_real_size_table, run_real_size_bench
+    from .bench.real_size import RealSizeSettings, print_real_size_table, run_real_size_bench
     problems = [f"{flag} needs --real-size" for flag, used in (("--layers", a.layers is not None),
                                                                ("--scale", a.scale != 1), ("--steps", a.steps != 1))
                 if used and not a.real_size]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from reasonknee3d import bench
+from reasonknee3d.bench import real_size
 from reasonknee3d.cli import main
 from reasonknee3d.config import from_mapping
 from reasonknee3d.models.tiny_qwen import (QWEN2_5_VL_3B_TEXT, QWEN2_5_VL_3B_VISION, TinyQwenSizes,
@@ -80,7 +81,7 @@ def test_flop_count_with_answer_logits_only_drops_exactly_the_cut_lm_head_work()
     (["--real-size", "--quick"], "--quick and --repeats do not apply"),
 ])
 def test_real_size_options_are_checked_before_anything_runs(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run_real_size_bench", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(real_size, "run_real_size_bench", lambda *a, **k: pytest.fail("ran"))
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
 

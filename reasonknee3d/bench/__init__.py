@@ -20,7 +20,7 @@ Every figure is a ratio or rate measured here, in this process, beside the setti
 - ``mfu``: FLOPs of the measured 3D training step (``FlopCounterMode``) per second, over the fp32 matmul
   peak measured in the same run.
 
-``run_real_size_bench`` (``bench --real-size``) runs instead the real presets end to end at the true sizes
+``real_size.run_real_size_bench`` (``bench --real-size``) runs instead the real presets end to end at the true sizes
 (preprocess, training steps through ``run_training``, a short ``predict``) on a random-weight checkpoint of
 Qwen2.5-VL-3B's shapes, and reports time, peak memory, tokens per sample and counted FLOPs in a ``real_size``
 section (``print_real_size_table``).
@@ -31,7 +31,6 @@ two sides of a speedup are timed in alternation.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -48,8 +47,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .io_utils import write_json, write_jsonl
-from .models.tiny_qwen import QWEN2_5_VL_3B_TEXT
+from ..io_utils import write_json, write_jsonl
+from ..models.tiny_qwen import QWEN2_5_VL_3B_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ def _overrides(prefix: str, values: dict[str, Any]) -> list[str]:
 def load_experiments(s: BenchSettings, lm_dir: Optional[Path] = None) -> tuple[Any, Any]:
     """(3D, slice) ``ExperimentConfig`` of ``s``; with ``lm_dir``, as measured on this machine: both on that
     language model, in fp32, the 3D encoder with ``s.encoder`` / ``s.projector`` overrides."""
-    from .families import load_experiment_config
+    from ..families import load_experiment_config
 
     if lm_dir is None:
         return load_experiment_config(s.config_3d), load_experiment_config(s.config_slice)
@@ -209,9 +208,9 @@ def synthetic_volume(shape: Sequence[int], seed: int = 0) -> np.ndarray:
 def _text(question_id: int, shape: Sequence[int]) -> tuple[str, str]:
     """(prompt, answer) of one sample: the synthetic release's wording and templated answer, whose box
     covers the middle of a volume of ``shape``."""
-    from .answer import format_answer
-    from .prompts import question_prompt, reasoning_steps
-    from .schema import get_question
+    from ..answer import format_answer
+    from ..prompts import question_prompt, reasoning_steps
+    from ..schema import get_question
 
     spec = get_question(question_id)
     severity = {f.key: f.grades[-1] for f in spec.fields}
@@ -226,7 +225,7 @@ def measure_tokens_per_volume(exp3d: Any, exp_slice: Any, lm_dir: Path, volume: 
     """Visual tokens of ``volume`` in the ``input_ids`` each family's processor writes for ``prompt``
     (``Family.processor_visual_tokens``), beside the count each family derives from its config alone.
     Only tokenizer and processor files of ``lm_dir`` are read."""
-    from .families import get_family
+    from ..families import get_family
 
     counted, expected = {}, {}
     for name, exp in (("3d", exp3d), ("slice", exp_slice)):
@@ -245,8 +244,8 @@ def measure_tokens_per_volume(exp3d: Any, exp_slice: Any, lm_dir: Path, volume: 
 
 def _trainable(exp: Any) -> tuple[Any, Any, torch.optim.Optimizer]:
     """(model to train, processor, AdamW) built and set up exactly as ``run_training`` does."""
-    from .families import get_family
-    from .training.stages import setup_trainable
+    from ..families import get_family
+    from ..training.stages import setup_trainable
 
     family = get_family(exp.family)
     torch.manual_seed(0)
@@ -259,7 +258,7 @@ def _trainable(exp: Any) -> tuple[Any, Any, torch.optim.Optimizer]:
 
 
 def _step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> float:
-    from .training.losses import answer_logits_only
+    from ..training.losses import answer_logits_only
 
     # The trainer's step: logits only over the answer columns.
     loss = model(**answer_logits_only(batch)).loss
@@ -272,7 +271,7 @@ def _step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -
 def _family_step(exp: Any, volume: np.ndarray, prompt: str,
                  answer: str) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:
     """(model, optimizer, one-sample batch) of one experiment's family, ready for ``_step``."""
-    from .families import get_family
+    from ..families import get_family
     model, processor, optimizer = _trainable(exp)
     return model, optimizer, get_family(exp.family).example_batch(model, processor, volume, prompt, answer)
 
@@ -280,7 +279,7 @@ def _family_step(exp: Any, volume: np.ndarray, prompt: str,
 def _step_counts(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any], name: str) -> dict[str, Any]:
     """FLOPs of one step, token and parameter counts; for the 3D family also ``encoder_flops`` (forward +
     backward of encoder and projector alone) and their share of the step."""
-    from .training.stages import unwrap_base
+    from ..training.stages import unwrap_base
 
     with flop_counter() as counter:
         loss = _step(model, optimizer, batch)
@@ -344,8 +343,8 @@ def count_real_size_flops(exp3d_real: Any, text_config: dict[str, Any], visual_t
     ``logit_tokens``: positions that get logits (the trainer's ``answer_logits_only`` keeps the answer's);
     None: every position.
     """
-    from .models.reasonknee3d.configuration_reasonknee3d import ReasonKnee3DConfig
-    from .models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
+    from ..models.reasonknee3d.configuration_reasonknee3d import ReasonKnee3DConfig
+    from ..models.reasonknee3d.modeling_reasonknee3d import ReasonKnee3DForConditionalGeneration
 
     kw = exp3d_real.model.from_qwen_kwargs(exp3d_real.data.input_shape)
     config = ReasonKnee3DConfig(encoder_config=kw["encoder_config"], projector_config=kw["projector_config"],
@@ -392,7 +391,7 @@ def count_real_size_flops(exp3d_real: Any, text_config: dict[str, Any], visual_t
 def encoder_configs(exp3d: Any, swin3d: dict[str, Any], reduce: Optional[dict[str, dict]] = None) -> dict[str, Any]:
     """``{"vit3d": ..., "swin3d": ...}`` encoder configs at ``exp3d``'s input size: the experiment's own encoder
     and ``swin3d``, each with ``reduce[name]`` on top (sizes only; the patch geometry stays)."""
-    from .models.reasonknee3d.encoders import encoder_config
+    from ..models.reasonknee3d.encoders import encoder_config
 
     reduce = reduce or {}
     size = [int(v) for v in exp3d.data.input_shape]
@@ -409,7 +408,7 @@ def encoder_configs(exp3d: Any, swin3d: dict[str, Any], reduce: Optional[dict[st
 def encoder_step_flops(config: Any) -> int:
     """FLOPs of one forward + backward of a freshly built encoder of ``config`` on one volume of its input size,
     counted on the meta device (nothing is computed or allocated)."""
-    from .models.reasonknee3d.encoders import build_encoder
+    from ..models.reasonknee3d.encoders import build_encoder
 
     with torch.device("meta"):
         encoder = build_encoder(config)
@@ -433,7 +432,7 @@ def measure_encoder_step(configs: dict[str, Any], repeats: int = 3, seed: int = 
     The backward runs from the mean square of the features, so every parameter gets a gradient; gradients are
     dropped between runs. Also counts each step's FLOPs (meta device).
     """
-    from .models.reasonknee3d.encoders import build_encoder
+    from ..models.reasonknee3d.encoders import build_encoder
 
     sizes = {tuple(c.input_size) for c in configs.values()}
     if len(sizes) != 1:
@@ -472,7 +471,7 @@ def count_encoder_flops_real_size(configs: dict[str, Any]) -> dict[str, Any]:
 
 def measure_cache(exp3d_real: Any, work_dir: Path, repeats: int = 5) -> dict[str, Any]:
     """``data.cache.bench_cache`` with the 3D config's preprocessing on a volume of its input size."""
-    from .data.cache import bench_cache
+    from ..data.cache import bench_cache
 
     r = bench_cache(work_dir, shape=tuple(exp3d_real.data.input_shape), cfg=exp3d_real.data, repeats=repeats)
     return {"speedup": r["ratio"], "nifti_load_preprocess_s": r["nifti_load_preprocess_s"],
@@ -490,11 +489,11 @@ def write_score_inputs(n_lines: int, out_dir: Path, seed: int = 0) -> tuple[Path
     70 % of the time and the true box moved by up to 8 voxels per coordinate. 90 % of outputs are in the
     package's answer format, 8 % zero-shot style JSON in a code fence, 2 % prose without an answer.
     """
-    from .answer import format_answer
-    from .boxes import clip_boxes, repair_boxes
-    from .data.synth import sample_severity
-    from .prompts import reasoning_steps
-    from .schema import load_schema
+    from ..answer import format_answer
+    from ..boxes import clip_boxes, repair_boxes
+    from ..data.synth import sample_severity
+    from ..prompts import reasoning_steps
+    from ..schema import load_schema
 
     rng = np.random.default_rng(seed)
     schema = load_schema()
@@ -532,7 +531,7 @@ def write_score_inputs(n_lines: int, out_dir: Path, seed: int = 0) -> tuple[Path
 
 def measure_score_rate(n_lines: int, work_dir: Path, repeats: int = 3) -> dict[str, Any]:
     """References scored per second by ``score_files`` (read, parse, score, write the report; no plots)."""
-    from .evaluation.score import score_files
+    from ..evaluation.score import score_files
 
     pred, ref = write_score_inputs(n_lines, work_dir)
     report: dict[str, Any] = {}
@@ -551,8 +550,8 @@ def measure_kv_cache(config_name: str, question_id: int = 1, new_tokens: int = 6
 
     Exactly ``new_tokens`` are generated (``min_new_tokens``), the prompt's prefill included in the time.
     """
-    from .families import load_experiment_config
-    from .models.reasonknee3d.modeling_reasonknee3d import build_reasonknee3d
+    from ..families import load_experiment_config
+    from ..models.reasonknee3d.modeling_reasonknee3d import build_reasonknee3d
 
     exp = load_experiment_config(config_name)
     torch.manual_seed(0)
@@ -589,7 +588,7 @@ def run_bench(out: Optional[str | Path] = None, repeats: Optional[int] = None, q
     """
     from transformers import AutoConfig
 
-    from .models.tiny_qwen import build_tiny_qwen2_5_vl
+    from ..models.tiny_qwen import build_tiny_qwen2_5_vl
 
     s = settings or (QUICK if quick else BENCH)
     if repeats is not None:
@@ -771,301 +770,3 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     console.print(table)
     for name, text in result["limits"].items():
         console.print(f"[bold]{name}[/bold]: {text}")
-
-
-# --- real size: the real presets end to end on a random-weight checkpoint of the true shapes -------------
-
-@dataclass(frozen=True)
-class RealSizeSettings:
-    """What ``run_real_size_bench`` runs: each real preset's preprocess, training steps and a short predict on a
-    random-weight Qwen2.5-VL-3B-shaped checkpoint (``tiny_qwen.qwen2_5_vl_3b_sizes``) and a synthetic release
-    at the real volume shape. The defaults are the true shapes; ``layers`` and ``width_divisor`` shrink them."""
-
-    config_3d: str = "rk3d_qwen2.5vl_3b"
-    config_slice: str = "slice_qwen2.5vl_3b"
-    volume_shape: tuple[int, int, int] = (160, 384, 384)
-    """Synthetic release volumes (S, H, W): the OAI DESS grid the presets are made for."""
-    volumes: int = 2
-    questions: tuple[int, ...] = (1, 30)
-    """Question ids with items: 2 volumes x 2 questions = 4 training samples (all in the train split)."""
-    layers: Optional[int] = None
-    """Decoder layers of the language model, blocks of the 3D encoder and of the slice vision tower (None: the
-    real 36, 12 and 32)."""
-    width_divisor: int = 1
-    """Hidden and MLP sizes and head counts of all three divided by this (1: the real widths)."""
-    steps: int = 1
-    """Optimizer steps per family, batch size 1, no gradient accumulation."""
-    predict_samples: int = 1
-    predict_new_tokens: int = 8
-    predict_constrained: bool = False
-    """Constrained decoding (``predict``'s default) forces the whole answer tail, which needs a budget of its
-    length (56 tokens for question 1 with the package's tokenizer); a few-token predict runs unconstrained."""
-    seed: int = 0
-
-
-def _peak_reset() -> bool:
-    """Start a new peak-memory window: CUDA's allocator peak, and the process's peak RSS where Linux allows
-    (``/proc/self/clear_refs`` 5 resets it); False when the host peak keeps counting from the process start."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peaks(reset: bool) -> dict[str, Any]:
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"device_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-            "host_peak_rss_bytes": rss, "host_peak_since": "phase start" if reset else "process start"}
-
-
-@contextlib.contextmanager
-def _work_dir(work_dir: Optional[str | Path]) -> Any:
-    """``work_dir`` as a Path (created), or a temporary folder removed on exit."""
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        yield Path(work_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="reasonknee3d-bench-real-") as tmp:
-        yield Path(tmp)
-
-
-def _release_memory() -> None:
-    import gc
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def real_size_checkpoint(s: RealSizeSettings) -> tuple[Path, dict[str, Any]]:
-    """The random-weight Qwen2.5-VL checkpoint of ``s``'s shapes in the user cache (``default_tiny_qwen_dir``:
-    built on first use, reused afterwards); returns its folder and how it was got."""
-    from .models.tiny_qwen import TINY_BUILD_MARKER, default_tiny_qwen_dir, qwen2_5_vl_3b_sizes
-
-    sizes = qwen2_5_vl_3b_sizes(s.layers, s.layers, s.width_divisor)
-    path = default_tiny_qwen_dir(build=False, **sizes)
-    cached = (path / TINY_BUILD_MARKER).is_file()
-    t0 = time.perf_counter()
-    if not cached:
-        logger.info("building the real-size checkpoint %s", path)
-    path = default_tiny_qwen_dir(**sizes)
-    return path, {"path": str(path), "reused": cached, "build_s": None if cached else time.perf_counter() - t0,
-                  "sizes": sizes}
-
-
-def _real_size_overrides(s: RealSizeSettings, base: Any, lm_dir: Path, release: Path, run_dir: Path) -> list[str]:
-    """Overrides of a real preset ``base`` for the bench: the built checkpoint, the bench release and run folder,
-    ``s.steps`` steps of one sample, nothing logged elsewhere, the 3D encoder at ``s.layers`` / ``s.width_divisor``."""
-    out = [f"model.language_model={json.dumps({'path': str(lm_dir)})}",
-           f"train.data_dir={json.dumps(str(release))}", f"train.output_dir={json.dumps(str(run_dir))}",
-           f"train.max_steps={s.steps}", "train.per_device_batch_size=1", "train.gradient_accumulation_steps=1",
-           "train.save_steps=1000000", "train.logging_steps=1", "train.report_to=[]",
-           "train.dataloader_num_workers=0", f"train.seed={s.seed}"]
-    encoder = getattr(base.model, "encoder", None)  # the 3D family's; the slice tower is in the checkpoint
-    if encoder is not None:
-        if s.layers is not None:
-            out.append(f"model.encoder.num_hidden_layers={s.layers}")
-        if s.width_divisor != 1:
-            for key in ("hidden_size", "num_attention_heads", "intermediate_size"):
-                if encoder[key] % s.width_divisor:
-                    raise ValueError(f"width_divisor {s.width_divisor} does not divide the {base.source} encoder's "
-                                     f"{key} {encoder[key]}")
-                out.append(f"model.encoder.{key}={encoder[key] // s.width_divisor}")
-    return out
-
-
-def _step_timer() -> Any:
-    """Trainer callback: seconds of each optimizer step (forward, backward, optimizer; data loading is outside)
-    and the first training batch's token counts, read from the Trainer's own dataloader."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.steps_s: list[float] = []
-            self.batch: dict[str, int] = {}
-            self._t0 = 0.0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None,
-                           **kwargs: Any) -> None:
-            from .training.losses import answer_logits_only
-
-            batch = next(iter(train_dataloader))
-            self.batch = {"tokens_per_sample": int(batch["attention_mask"][0].sum()),
-                          "answer_tokens": int((batch["labels"][0] != -100).sum()),
-                          "logit_tokens": int(answer_logits_only(batch).get("logits_to_keep",
-                                                                            batch["input_ids"].shape[1]))}
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self._t0 = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.steps_s.append(time.perf_counter() - self._t0)
-
-    return StepTimer()
-
-
-def _run_family(s: RealSizeSettings, exp_name: str, lm_dir: Path, release: Path, work: Path) -> tuple[Any, dict]:
-    """Preprocess, train ``s.steps`` steps and predict with one real preset; (experiment, measurements)."""
-    from .evaluation.predict import predict
-    from .families import get_family, load_experiment_config
-    from .training.trainer import run_training
-
-    base = load_experiment_config(exp_name)
-    name = base.family
-    exp = load_experiment_config(exp_name, _real_size_overrides(s, base, lm_dir, release, work / f"run_{name}"))
-    family = get_family(exp.family)
-    out: dict[str, Any] = {"config": exp.source}
-
-    logger.info("real size %s: preprocess", name)
-    reset, t0 = _peak_reset(), time.perf_counter()
-    prep = family.preprocess(exp, release, ["train"])
-    if prep.skipped:
-        raise RuntimeError(f"real-size bench: preprocess skipped {[(k.item, k.reason) for k in prep.skipped]}")
-    out["preprocess"] = {"seconds": time.perf_counter() - t0, "volumes": prep.n_done, **_peaks(reset)}
-    _release_memory()
-
-    logger.info("real size %s: %d training step(s)", name, s.steps)
-    timer = _step_timer()
-    reset, t0 = _peak_reset(), time.perf_counter()
-    trained = run_training(exp, callbacks=[timer])
-    seconds = time.perf_counter() - t0
-    peaks = _peaks(reset)
-    model = trained.model
-    train = {"steps_s": timer.steps_s, "median_step_s": statistics.median(timer.steps_s), **timer.batch,
-             "visual_tokens": family.num_visual_tokens(exp, s.volume_shape),
-             "parameters": sum(p.numel() for p in model.parameters()),
-             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-             "run_training_s": seconds, "loss": trained.metrics.get("train_loss"), **peaks}
-    train["text_tokens"] = train["tokens_per_sample"] - train["visual_tokens"]
-    out["train"] = train
-    del trained, model
-    _release_memory()
-
-    logger.info("real size %s: predict %d sample(s), %d new tokens", name, s.predict_samples, s.predict_new_tokens)
-    reset = _peak_reset()
-    pred_path = work / f"predictions_{name}.jsonl"
-    res = predict(work / f"run_{name}" / "final", release, "train", pred_path, batch_size=1, limit=s.predict_samples,
-                  max_new_tokens=s.predict_new_tokens, constrained=s.predict_constrained)
-    if res.skipped or res.n_written != s.predict_samples:
-        raise RuntimeError(f"real-size bench: predict wrote {res.n_written} of {s.predict_samples} samples "
-                           f"({[(k.item, k.reason) for k in res.skipped]})")
-    out["predict"] = {"seconds": res.seconds, "samples": res.n_written, "max_new_tokens": s.predict_new_tokens,
-                      "constrained": s.predict_constrained, **_peaks(reset)}
-    _release_memory()
-    return exp, out
-
-
-def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[RealSizeSettings] = None,
-                        work_dir: Optional[str | Path] = None) -> dict[str, Any]:
-    """Both real presets end to end at the true sizes (``RealSizeSettings``), on this machine's GPU when it has
-    one: build (once, user cache) a random-weight checkpoint of Qwen2.5-VL-3B's shapes with the package's own
-    tokenizer, write a synthetic release at the real volume shape, then per family ``preprocess``, train
-    ``steps`` steps with ``run_training`` and ``predict`` a few tokens. Reports step time, tokens per sample,
-    peak device / host memory of each phase and the step's FLOPs (``count_real_size_flops`` on the meta device,
-    for the sizes that ran) beside them. Returns ``{"real_size": ..., "seconds", "machine"}`` (JSON-ready, also
-    written to ``out``); the keys extend ``run_bench``'s output.
-
-    ``work_dir`` (default: a temporary folder, removed afterwards) receives the release, runs and predictions.
-    """
-    from transformers import AutoConfig
-
-    from .data.synth import write_synthetic_release
-
-    s = settings or RealSizeSettings()
-    if s.steps < 1 or s.predict_samples < 1 or s.predict_new_tokens < 1:
-        raise ValueError(f"steps {s.steps}, predict_samples {s.predict_samples} and predict_new_tokens "
-                         f"{s.predict_new_tokens} must be >= 1")
-    t_start, load_start = time.perf_counter(), os.getloadavg()
-    lm_dir, checkpoint = real_size_checkpoint(s)
-    text_config = AutoConfig.from_pretrained(lm_dir).text_config.to_dict()
-    section: dict[str, Any] = {"checkpoint": checkpoint}
-    with _work_dir(work_dir) as work:
-        release = work / "release"
-        t0 = time.perf_counter()
-        write_synthetic_release(release, n_volumes=s.volumes, shape=s.volume_shape, seed=s.seed,
-                                questions=list(s.questions))
-        section["release"] = {"volumes": s.volumes, "shape": list(s.volume_shape), "questions": list(s.questions),
-                              "seconds": time.perf_counter() - t0}
-        exps = {}
-        for key, name in (("3d", s.config_3d), ("slice", s.config_slice)):
-            exps[key], section[key] = _run_family(s, name, lm_dir, release, work)
-
-    visual = {k: section[k]["train"]["visual_tokens"] for k in ("3d", "slice")}
-    for key in ("3d", "slice"):
-        train = section[key]["train"]
-        flops = count_real_size_flops(exps["3d"], text_config, visual, train["text_tokens"], train["logit_tokens"])
-        train["flops_per_step"] = flops[f"{key}_flops"]
-        train["flops_per_step_causal"] = flops[f"{key}_flops_causal"]
-        train["achieved_flops_per_s"] = train["flops_per_step_causal"] / train["median_step_s"]
-    section["step_ratio"] = section["slice"]["train"]["median_step_s"] / section["3d"]["train"]["median_step_s"]
-    section["settings"] = {**_plain(asdict(s)), "device": "cuda" if torch.cuda.is_available() else "cpu",
-                           "language_model": {k: text_config.get(k) for k in (
-                               "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "num_key_value_heads", "vocab_size")},
-                           "encoder_3d": dict(exps["3d"].model.encoder),
-                           "flops": "count_real_size_flops on the meta device for the sizes and tokens that ran: "
-                                    "encoder trained in full, language model frozen (LoRA not counted), logits over "
-                                    "the answer columns only, causal attention at half; activation checkpointing's "
-                                    "extra forward not counted",
-                           "true_shapes": s.layers is None and s.width_divisor == 1}
-    result = _plain({
-        "real_size": section,
-        "quick": False,
-        "seconds": time.perf_counter() - t_start,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
-                    "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "load_average": [load_start[0], os.getloadavg()[0]]},
-    })
-    if out is not None:
-        write_json(out, result)
-    return result
-
-
-def _gib(n: Optional[int]) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def print_real_size_table(result: dict[str, Any], console: Any = None) -> None:
-    """One row per family and phase of ``run_real_size_bench``'s result (a rich table)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    r = result["real_size"]
-    st = r["settings"]
-    lm = st["language_model"]
-    title = (f"reasonknee3d bench --real-size on {st['device']}"
-             f"{'' if st['true_shapes'] else ' (REDUCED: layers %s, width / %s)' % (st['layers'], st['width_divisor'])}"
-             f": LM hidden {lm['hidden_size']} x {lm['num_hidden_layers']} layers, vocab {lm['vocab_size']:,}; "
-             f"{result['seconds']:.0f} s")
-    table = Table(title=title)
-    for col in ("family", "phase", "s", "tokens", "TFLOP", "GFLOP/s", "GPU peak", "host peak"):
-        table.add_column(col)
-    for key in ("3d", "slice"):
-        f = r[key]
-        t, pp, pr = f["train"], f["preprocess"], f["predict"]
-        table.add_row(key, "preprocess", f"{pp['seconds']:.1f}", "", "", "", _gib(pp["device_peak_bytes"]),
-                      _gib(pp["host_peak_rss_bytes"]))
-        table.add_row(key, "train step", f"{t['median_step_s']:.2f}", f"{t['tokens_per_sample']:,} ({t['visual_tokens']:,} vis)",
-                      f"{t['flops_per_step_causal'] / 1e12:.2f}", f"{t['achieved_flops_per_s'] / 1e9:.1f}",
-                      _gib(t["device_peak_bytes"]), _gib(t["host_peak_rss_bytes"]))
-        table.add_row(key, "predict", f"{pr['seconds']:.1f}", "", "", "", _gib(pr["device_peak_bytes"]),
-                      _gib(pr["host_peak_rss_bytes"]))
-    console = console or Console()
-    console.print(table)
-    steps = len(r["3d"]["train"]["steps_s"])
-    console.print(f"train step: median of {steps}, tokens per sample (visual), TFLOP counted (causal attention at "
-                  f"half), GFLOP/s = TFLOP / step time; predict: {r['3d']['predict']['samples']} sample x "
-                  f"{r['3d']['predict']['max_new_tokens']} tokens, model load included; peaks per phase")
-    console.print(f"checkpoint: {r['checkpoint']['path']} ({'reused' if r['checkpoint']['reused'] else 'built'}); "
-                  f"step time slice / 3D: {r['step_ratio']:.2f}x")
