@@ -132,8 +132,7 @@ def _add_export_references(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "train_balanced", "test_balanced"),
                    help="split to export")
     p.add_argument("--out", type=output_file, required=True, help="references .jsonl")
-    p.add_argument("--images", type=Path, default=None,
-                   help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
+    _add_location_options(p, cache=False)
 
     def run(a: argparse.Namespace) -> int:
         from .data.release import export_references
@@ -144,8 +143,7 @@ def _add_export_references(sub: argparse._SubParsersAction) -> None:
 def _add_check_release(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-release", help="what the loader can use of a release, and in which form each piece came")
     p.add_argument("data", type=Path, help="release root")
-    p.add_argument("--images", type=Path, default=None,
-                   help="folder where volumes and masks whose CSV paths do not exist here are found by file name")
+    _add_location_options(p, cache=False)
     p.add_argument("--json", type=output_file, default=None, help="also write the report as JSON here")
     p.add_argument("--axis-check-volumes", type=non_negative_int, default=8,
                    help="volumes per split whose masks are read to compare written boxes with mask boxes")
