@@ -20,7 +20,9 @@ import yaml
 
 from .attention import ATTN_IMPLEMENTATIONS
 
-STAGES = ("alignment", "instruction", "region_grades")
+STAGES = ("alignment", "instruction", "region_grades", "segmentation")
+ENCODER_STAGES = ("region_grades", "segmentation")
+"""Stages that pretrain the 3D model's volume encoder on its own (``training/pretrain.py``)."""
 MODULE_ROLES = ("encoder", "projector", "language_model")
 MODES = ("frozen", "lora", "full")
 
@@ -28,9 +30,11 @@ MODES = ("frozen", "lora", "full")
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "alignment": {"encoder": "full", "projector": "full", "language_model": "frozen", "new_token_rows": False},
     "instruction": {"encoder": "frozen", "projector": "full", "language_model": "lora", "new_token_rows": True},
-    # Encoder pretraining on its own (training/region_grades.py): no projector or language model is built.
+    # Encoder pretraining on its own (training/pretrain.py): no projector or language model is built.
     "region_grades": {"encoder": "full", "projector": "frozen", "language_model": "frozen", "new_token_rows": False},
+    "segmentation": {"encoder": "full", "projector": "frozen", "language_model": "frozen", "new_token_rows": False},
 }
+ROI_MODES = ("crop", "grid")
 
 
 def _is_real(value: Any) -> bool:
@@ -58,13 +62,53 @@ class LoraSettings:
 
 
 @dataclass
+class PretrainSettings:
+    """Settings of the encoder pretraining stages (``train.stage: region_grades | segmentation``)."""
+
+    roi: str = "crop"
+    """region_grades: what the grade heads see of a question's box. crop: the box's part of the volume resampled
+    to ``crop_size`` and encoded on its own (the input the 3D model's region look gives the same encoder), mean
+    and max pooled; grid: the mean of the whole-volume features of the grid cells the box overlaps (one encoder
+    forward per volume, but a small lesion is a fraction of a cell)."""
+    crop_size: Optional[list[int]] = None
+    """region_grades, roi crop: (S, H, W) every box is resampled to; unset takes ``model.region_size``."""
+    rois_per_volume: int = 8
+    """region_grades, roi crop: questions drawn per volume and step (each is one encoder forward); 0 = all."""
+    class_balance: float = 0.0
+    """region_grades: power p of the class weights of each head's cross-entropy, (grade frequency)^-p in the
+    training split, scaled to average 1 over the targets: 0 = plain cross-entropy, 1 = every grade counts equally
+    (which is what balanced accuracy rewards)."""
+    num_labels: Optional[int] = None
+    """segmentation: mask labels including background 0; unset = the largest label in the split's masks + 1."""
+    dice_weight: float = 1.0
+    """segmentation: weight of the Dice loss beside the cross-entropy (MONAI ``DiceCELoss``)."""
+
+    def __post_init__(self) -> None:
+        if self.roi not in ROI_MODES:
+            raise ConfigError(f"train.pretrain.roi: expected one of {ROI_MODES}, got {self.roi!r}")
+        if self.crop_size is not None and (len(self.crop_size) != 3 or any(
+                not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in self.crop_size)):
+            raise ConfigError(f"train.pretrain.crop_size: expected three integers >= 1 (S, H, W), got {self.crop_size!r}")
+        if not isinstance(self.rois_per_volume, int) or self.rois_per_volume < 0:
+            raise ConfigError(f"train.pretrain.rois_per_volume: expected an integer >= 0, got {self.rois_per_volume!r}")
+        if not (_is_real(self.class_balance) and self.class_balance >= 0):
+            raise ConfigError(f"train.pretrain.class_balance: expected a power >= 0, got {self.class_balance!r}")
+        if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels < 2):
+            raise ConfigError(f"train.pretrain.num_labels: expected an integer >= 2 (background and one label), "
+                              f"got {self.num_labels!r}")
+        if not (_is_real(self.dice_weight) and self.dice_weight >= 0):
+            raise ConfigError(f"train.pretrain.dice_weight: expected a number >= 0, got {self.dice_weight!r}")
+
+
+@dataclass
 class TrainConfig:
     """How to train: stage and per-module modes, optimisation, logging, checkpoints, runtime."""
 
     stage: str = "instruction"
     """alignment (encoder + projector train, language model frozen) | instruction (LoRA on the LM,
     projector and new token rows train) | region_grades (the 3D encoder alone learns the MOAKS grades inside each
-    reference box; ``training/region_grades.py``)."""
+    reference box; ``training/region_grades.py``) | segmentation (the 3D encoder alone learns the release's
+    masks; ``training/segmentation.py``). The last two write an encoder folder for ``model.encoder.init_from``."""
     encoder: Optional[str] = None
     """Volume/vision encoder mode: frozen | full; unset takes the stage default."""
     projector: Optional[str] = None
@@ -75,6 +119,8 @@ class TrainConfig:
     """Train the embedding / lm_head rows of added tokens (coordinate tokens); needs language_model=lora."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings for modules in ``lora`` mode."""
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    """Settings of the encoder pretraining stages (region_grades, segmentation)."""
 
     data_dir: Optional[str] = None
     """Release root (as written by ``synth`` or the real 3DReasonKnee layout); ``--data`` sets it."""
@@ -146,6 +192,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = from_mapping(LoraSettings, self.lora, "train.lora")
+        if isinstance(self.pretrain, dict):
+            self.pretrain = from_mapping(PretrainSettings, self.pretrain, "train.pretrain")
         self.validate()
 
     def validate(self) -> None:
@@ -164,9 +212,9 @@ class TrainConfig:
         if self.stage == "alignment" and self.language_model != "frozen":
             raise ConfigError(f"train.language_model: the alignment stage keeps the language model frozen, got "
                               f"{self.language_model!r} (use stage: instruction)")
-        if self.stage == "region_grades" and (self.encoder, self.projector, self.language_model) != (
+        if self.stage in ENCODER_STAGES and (self.encoder, self.projector, self.language_model) != (
                 "full", "frozen", "frozen"):
-            raise ConfigError(f"train: the region_grades stage trains the encoder alone (encoder full, projector and "
+            raise ConfigError(f"train: the {self.stage} stage trains the encoder alone (encoder full, projector and "
                               f"language_model frozen); got encoder {self.encoder!r}, projector {self.projector!r}, "
                               f"language_model {self.language_model!r}")
         if not isinstance(self.new_token_rows, bool):

@@ -21,7 +21,7 @@ from reasonknee3d.boxes import mirror_boxes, scale_boxes
 from reasonknee3d.data.cache import VolumeCache, preprocess_release
 from reasonknee3d.data.release import cache_root, iter_samples
 from reasonknee3d.evaluation.classify import load_region_classifier
-from reasonknee3d.models.reasonknee3d.region_heads import head_key, roi_pool
+from reasonknee3d.models.reasonknee3d.region_heads import head_key
 from reasonknee3d.schema import get_question
 
 
@@ -44,8 +44,7 @@ def classifier_auc(model_dir: str, data_dir: str, split: str = "test") -> dict[s
         for s in group:
             box = scale_boxes(s.box, meta["orig_shape"], shape)
             boxes.append([int(v) for v in (mirror_boxes(box, shape) if clf.prep.mirrors(path, s.knee_side) else box)])
-        features, grid = clf.model.encoder(volume[None].float())
-        pooled = roi_pool(features, grid, shape, [0] * len(group), boxes)
+        pooled = clf.model.roi_features(volume[None].float(), [0] * len(group), boxes)
         for s, feature in zip(group, pooled):
             spec = get_question(s.question_id)
             field = spec.fields[0].key

@@ -40,7 +40,7 @@ import torch
 from ..answer import format_answer
 from ..boxes import clip_boxes, mirror_boxes, scale_boxes
 from ..data.release import Skipped, write_skipped
-from ..models.reasonknee3d.region_heads import RegionGradeModel, head_key, is_region_grades_dir, roi_pool
+from ..models.reasonknee3d.region_heads import RegionGradeModel, head_key, is_region_grades_dir
 from ..parsing import parse_output
 from ..prompts import reasoning_steps
 from ..schema import QuestionSpec, get_question
@@ -82,10 +82,10 @@ class RegionClassifier:
         """Grades of each roi: ``rois`` are (batch row, box in model-input voxels or None for the whole volume),
         ``specs`` their questions; each field's grade is its head's most probable grade among those it allows."""
         device = next(self.model.parameters()).device
-        features, grid = self.model.encoder(volumes.to(device=device, dtype=torch.float32))
         shape = tuple(volumes.shape[2:])
         whole = [0, shape[0] - 1, 0, shape[1] - 1, 0, shape[2] - 1]
-        pooled = roi_pool(features, grid, shape, [r for r, _ in rois], [whole if b is None else b for _, b in rois])
+        pooled = self.model.roi_features(volumes.to(device=device, dtype=torch.float32), [r for r, _ in rois],
+                                         [whole if b is None else b for _, b in rois])
         out = []
         for feature, spec in zip(pooled, specs):
             severity = {}

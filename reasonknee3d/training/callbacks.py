@@ -17,7 +17,8 @@ from transformers.trainer_callback import ProgressCallback
 from ..io_utils import write_jsonl
 
 # Keys of one metrics.jsonl line (those present in the log record; train-end summaries are skipped).
-METRIC_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_second", "data_wait_fraction")
+METRIC_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_second", "data_wait_fraction",
+               "grade_accuracy", "dice")
 
 
 class ThroughputMeter:

@@ -34,7 +34,7 @@ from ..attention import select_attn_implementation
 from ..io_utils import normalize_permissions
 from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
-from ..config import TrainConfig
+from ..config import ENCODER_STAGES, TrainConfig
 from ..families import ExperimentConfig, get_family, save_experiment_config
 from .losses import CoordinateSmoothedLoss, answer_logits_only, takes_logits_to_keep
 from .sampling import GradeBalancedSampler, VolumeGroupedSampler, grade_balance_weights
@@ -166,6 +166,10 @@ class ReasonKneeTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs:
             logs.update(self.meter.interval())
+            # Models that count their own training metrics (the encoder pretraining stages) report them here.
+            own = getattr(self.accelerator.unwrap_model(self.model), "log_metrics", None)
+            if callable(own):
+                logs.update(own())
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -242,10 +246,10 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     ``family`` overrides the family named by ``exp.family`` (tests pass a toy one); ``callbacks`` are added
     to the Trainer's own.
     """
-    if exp.train.stage == "region_grades":
-        # Encoder pretraining has its own loop: no projector, language model or Trainer (region_grades.py).
-        from .region_grades import run_region_grades
-        return run_region_grades(exp)
+    if exp.train.stage in ENCODER_STAGES:
+        # Encoder pretraining: the encoder and a small head, no projector or language model (pretrain.py).
+        from .pretrain import run_encoder_pretraining
+        return run_encoder_pretraining(exp, callbacks)
     family = family if family is not None else get_family(exp.family)
     out = exp.output_dir()
     exp = replace(exp, train=replace(exp.train, output_dir=str(out)))

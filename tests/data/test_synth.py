@@ -135,8 +135,8 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path: Path
     def files(root: Path) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     a = write_synthetic_release(tmp_path / "a", 2, (16, 32, 32), seed=7)
-    b = write_synthetic_release(tmp_path / "b", 2, (16, 32, 32), seed=7)
-    c = write_synthetic_release(tmp_path / "c", 2, (16, 32, 32), seed=8)
+    write_synthetic_release(tmp_path / "b", 2, (16, 32, 32), seed=7)
+    write_synthetic_release(tmp_path / "c", 2, (16, 32, 32), seed=8)
     fa = files(tmp_path / "a")
     assert fa == files(tmp_path / "b") and a.files == len(fa)
     assert fa.keys() != files(tmp_path / "c").keys()  # new patients and series names

@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     exp = load_experiment_config("tiny_3d", [
         ENCODER, f"data.input_shape={list(SHAPE)}", "model.region_size=null", "model.num_bins=32",
         "train.stage=region_grades", "train.encoder=full", "train.projector=frozen", "train.language_model=frozen",
-        "train.new_token_rows=false", f"train.data_dir={json.dumps(str(release))}",
+        "train.new_token_rows=false", "train.pretrain.roi=grid", f"train.data_dir={json.dumps(str(release))}",
         f"train.output_dir={json.dumps(str(root / 'rg'))}", "train.max_steps=4", "train.logging_steps=2",
         "train.per_device_batch_size=2", "train.learning_rate=3e-3"])
     torch.manual_seed(0)
@@ -258,15 +258,17 @@ def test_classifier_auc_script_counts_the_split_and_ranks_by_the_heads(trained, 
                   for path in dict.fromkeys(s.image_path for s in samples)
                   for s in samples if s.image_path == path])
 
-    def planted(features, grid, shape, rows, boxes):
-        out = torch.zeros(len(rows), features.shape[-1])
+    def planted(volumes, rows, boxes):
+        out = torch.zeros(len(rows), clf_width[0])
         out[:, 0] = torch.tensor([next(truth) for _ in rows])
         return out
-    monkeypatch.setattr(module, "roi_pool", planted)
     real_load = module.load_region_classifier
+    clf_width = []
 
     def load(path):
         clf = real_load(path)
+        clf_width.append(clf.model.feature_size)
+        clf.model.roi_features = planted
         with torch.no_grad():
             for key, head in clf.model.heads.items():
                 head.weight.zero_()

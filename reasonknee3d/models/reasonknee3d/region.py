@@ -32,16 +32,31 @@ def crop_regions(volumes: torch.Tensor, bins: torch.Tensor, num_bins: int, size:
     """``(n, C, S, H, W)`` volumes and ``(n, 6)`` bin boxes ``[s0, s1, h0, h1, w0, w1]`` -> ``(n, C, *size)``.
 
     A box covers bins ``lo..hi`` of ``num_bins`` per axis, i.e. the fraction ``[lo / K, (hi + 1) / K]`` of that
-    axis; it is sampled at ``size`` cell centres with trilinear interpolation (differentiable in the volume).
+    axis (``crop_fractions``).
+    """
+    bins = bins.to(device=volumes.device, dtype=torch.float32)
+    return crop_fractions(volumes, bins[:, 0::2] / num_bins, (bins[:, 1::2] + 1) / num_bins, size)
+
+
+def crop_voxel_boxes(volumes: torch.Tensor, boxes: Sequence[Sequence[int]], size: Sequence[int]) -> torch.Tensor:
+    """``(n, C, S, H, W)`` volumes and ``n`` inclusive voxel boxes of their grid -> ``(n, C, *size)``: voxels
+    ``lo..hi`` of an axis of length ``m`` are the fraction ``[lo / m, (hi + 1) / m]``, as bins are."""
+    shape = torch.tensor(volumes.shape[2:], dtype=torch.float32, device=volumes.device)
+    b = torch.as_tensor(boxes, dtype=torch.float32, device=volumes.device).reshape(-1, 6)
+    return crop_fractions(volumes, b[:, 0::2] / shape, (b[:, 1::2] + 1) / shape, size)
+
+
+def crop_fractions(volumes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(n, C, S, H, W)`` volumes and ``(n, 3)`` box corners as fractions of each axis -> ``(n, C, *size)``.
+
+    Each box is sampled at ``size`` cell centres with trilinear interpolation (differentiable in the volume).
     """
     n = volumes.shape[0]
     dev = volumes.device
-    bins = bins.to(device=dev, dtype=torch.float32)
     axes = []
     for a, m in enumerate(size):
-        lo, hi = bins[:, 2 * a] / num_bins, (bins[:, 2 * a + 1] + 1) / num_bins  # (n,)
         t = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m
-        axes.append(2 * (lo[:, None] + t[None] * (hi - lo)[:, None]) - 1)  # (n, m) in [-1, 1]
+        axes.append(2 * (lo[:, a, None] + t[None] * (hi - lo)[:, a, None]) - 1)  # (n, m) in [-1, 1]
     s, h, w = (ax.shape[1] for ax in axes)
     # grid_sample's last axis is (x, y, z) = (W, H, S).
     grid = torch.stack([axes[2][:, None, None, :].expand(n, s, h, w),

@@ -15,7 +15,7 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ Grid = tuple[int, int, int]
 HEADS_FILE = "region_heads.json"
 HEADS_WEIGHTS = "region_heads.safetensors"
 ENCODER_DIR = "encoder"
+CROP_CHUNK = 64
+"""Crops encoded per encoder call in ``roi: crop``."""
 
 
 def head_key(category: str, field: str) -> str:
@@ -64,23 +66,50 @@ def roi_pool(features: torch.Tensor, grid: Grid, volume_shape: Sequence[int], ro
 
 
 class RegionGradeModel(nn.Module):
-    """A volume encoder plus one linear grade head per (category, field)."""
+    """A volume encoder plus one linear grade head per (category, field), over each question's ROI feature.
 
-    def __init__(self, encoder: nn.Module, heads: dict[str, list[int]]) -> None:
+    ``roi``: ``grid`` pools the whole-volume features of the cells a box overlaps (``roi_pool``, width C);
+    ``crop`` resamples the box's part of the volume to ``crop_size``, encodes it and concatenates the mean and the
+    max over its patches (width 2C), which is what the 3D model's region look (``region.RegionProjector``) sees.
+    ``class_weights``: head key -> per-class cross-entropy weights (``train.pretrain.class_balance``).
+    """
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, list[int]], roi: str = "grid",
+                 crop_size: Optional[Sequence[int]] = None,
+                 class_weights: Optional[dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
+        if roi not in ("grid", "crop") or (roi == "crop" and (crop_size is None or len(crop_size) != 3)):
+            raise ValueError(f"roi must be 'grid', or 'crop' with a crop_size (S, H, W); got {roi!r}, {crop_size!r}")
         self.encoder = encoder
+        self.roi = roi
+        self.crop_size = None if crop_size is None else [int(v) for v in crop_size]
         self.grades = {k: list(v) for k, v in heads.items()}
-        width = encoder.config.hidden_size
-        self.heads = nn.ModuleDict({k: nn.Linear(width, len(v)) for k, v in self.grades.items()})
+        self.feature_size = encoder.config.hidden_size * (2 if roi == "crop" else 1)
+        self.heads = nn.ModuleDict({k: nn.Linear(self.feature_size, len(v)) for k, v in self.grades.items()})
+        self.class_weights = dict(class_weights or {})
+        self._counts = [0, 0]  # argmax hits, targets since the last log_metrics()
+
+    def roi_features(self, volumes: torch.Tensor, rows: Sequence[int], boxes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``(R, feature_size)``: the feature of each box (inclusive voxels of the model input) of its batch row."""
+        if self.roi == "grid":
+            features, grid = self.encoder(volumes)
+            return roi_pool(features, grid, volumes.shape[2:], rows, boxes)
+        from .region import crop_voxel_boxes
+        out = []
+        for start in range(0, len(rows), CROP_CHUNK):  # bounds the activations when a batch has many questions
+            index = torch.as_tensor(list(rows[start:start + CROP_CHUNK]), dtype=torch.long, device=volumes.device)
+            crops = crop_voxel_boxes(volumes.index_select(0, index), boxes[start:start + CROP_CHUNK], self.crop_size)
+            features, _ = self.encoder(crops.to(volumes.dtype))
+            out.append(torch.cat([features.mean(dim=1), features.amax(dim=1)], dim=-1))
+        return torch.cat(out)
 
     def forward(self, volumes: torch.Tensor, rois: list[tuple[int, list[int]]],
                 targets: list[tuple[int, str, int]]) -> dict[str, Any]:
         """``rois``: (batch row, box in input voxels); ``targets``: (roi index, head key, class index).
 
-        Returns ``loss`` (mean cross-entropy over the targets), ``correct`` and ``n`` (argmax hits, targets).
+        Returns ``loss``: the (class-weighted) cross-entropy summed over the targets / their number.
         """
-        features, grid = self.encoder(volumes)
-        pooled = roi_pool(features, grid, volumes.shape[2:], [r for r, _ in rois], [b for _, b in rois])
+        pooled = self.roi_features(volumes, [r for r, _ in rois], [b for _, b in rois])
         by_head: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for roi, key, cls in targets:
             by_head[key].append((roi, cls))
@@ -89,9 +118,47 @@ class RegionGradeModel(nn.Module):
             idx = torch.tensor([p[0] for p in pairs], device=pooled.device)
             cls = torch.tensor([p[1] for p in pairs], device=pooled.device)
             logits = self.heads[key](pooled[idx]).float()
-            losses.append(F.cross_entropy(logits, cls, reduction="sum"))
+            weight = self.class_weights.get(key)
+            weight = None if weight is None else weight.to(logits.device)
+            losses.append(F.cross_entropy(logits, cls, weight=weight, reduction="sum"))
             correct += int((logits.argmax(-1) == cls).sum())
-        return {"loss": torch.stack(losses).sum() / len(targets), "correct": correct, "n": len(targets)}
+        # Heads without a target in this batch still take part (times zero), so that every parameter gets a
+        # gradient on every step, as DDP without find_unused_parameters requires.
+        unused = [p.sum() for key, head in self.heads.items() if key not in by_head for p in head.parameters()]
+        loss = torch.stack(losses).sum() / max(1, len(targets)) + 0.0 * sum(unused, pooled.new_zeros(()))
+        self._counts[0] += correct
+        self._counts[1] += len(targets)
+        return {"loss": loss}
+
+    def log_metrics(self) -> dict[str, float]:
+        """Training accuracy of the heads' argmax over the targets seen since the last call (for the log)."""
+        hits, n = self._counts
+        self._counts = [0, 0]
+        return {"grade_accuracy": hits / n} if n else {}
+
+    def describe(self) -> dict[str, Any]:
+        """What ``region_heads.json`` records besides the grades, so that the model can be rebuilt."""
+        return {"hidden_size": self.encoder.config.hidden_size, "roi": self.roi, "crop_size": self.crop_size}
+
+
+def grade_class_weights(targets: Sequence[tuple[str, int]], heads: dict[str, list[int]],
+                        power: float) -> dict[str, torch.Tensor]:
+    """Per head, class weights ``freq^-power`` over the ``(head key, class index)`` training targets, scaled so
+    that their mean over the targets is 1; a class never seen gets the largest seen class's weight."""
+    counts: dict[str, torch.Tensor] = {k: torch.zeros(len(v), dtype=torch.float64) for k, v in heads.items()}
+    for key, cls in targets:
+        counts[key][cls] += 1
+    out = {}
+    for key, c in counts.items():
+        if c.sum() == 0 or power == 0:
+            continue
+        seen = c > 0
+        w = torch.zeros_like(c)
+        w[seen] = (c[seen] / c.sum()) ** -power
+        w[~seen] = w[seen].max()
+        w = w / ((w * c).sum() / c.sum())
+        out[key] = w.float()
+    return out
 
 
 def is_region_grades_dir(path: str | os.PathLike) -> bool:
@@ -127,7 +194,12 @@ def load_region_grade_model(path: str | os.PathLike) -> RegionGradeModel:
     weights_path = folder / HEADS_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: the heads' weights are missing")
-    model = RegionGradeModel(encoder, grades)
+    roi = str(meta.get("roi", "grid"))  # folders written before the crop mode pooled the grid
+    crop = meta.get("crop_size")
+    try:
+        model = RegionGradeModel(encoder, grades, roi=roi, crop_size=crop)
+    except ValueError as err:
+        raise ValueError(f"{folder / HEADS_FILE}: {err}") from None
     weights = load_file(str(weights_path))
     own = model.heads.state_dict()
     missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
