@@ -412,14 +412,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_real_size_bench(a: argparse.Namespace) -> int:
-    """``bench --real-size [--layers N] [--scale D] [--steps N]``."""
+    """``bench --real-size [--layers N] [--scale D] [--steps N] [--volume-grouping G]``."""
     import json
 
     from .bench.real_size import RealSizeSettings, print_real_size_table, run_real_size_bench
     problems = [f"{flag} needs --real-size" for flag, used in (("--layers", a.layers is not None),
-                                                               ("--scale", a.scale != 1), ("--steps", a.steps != 1))
+                                                               ("--scale", a.scale != 1), ("--steps", a.steps != 1),
+                                                               ("--volume-grouping", a.volume_grouping != 1))
                 if used and not a.real_size]
-    problems += [f"--{name} must be >= 1, got {v}" for name, v in (("layers", a.layers), ("steps", a.steps))
+    problems += [f"--{name} must be >= 1, got {v}" for name, v in (("layers", a.layers), ("steps", a.steps),
+                                                                   ("volume-grouping", a.volume_grouping))
                  if v is not None and v < 1]
     if a.scale not in (1, 2, 4):
         problems.append(f"--scale must be 1, 2 or 4 (a divisor of every head count), got {a.scale}")
@@ -428,7 +430,8 @@ def _run_real_size_bench(a: argparse.Namespace) -> int:
     if problems:
         print(f"reasonknee3d bench: {'; '.join(problems)}", file=sys.stderr)
         return 2
-    result = run_real_size_bench(a.out, RealSizeSettings(layers=a.layers, width_divisor=a.scale, steps=a.steps))
+    result = run_real_size_bench(a.out, RealSizeSettings(layers=a.layers, width_divisor=a.scale, steps=a.steps,
+                                                         volume_grouping=a.volume_grouping))
     print_real_size_table(result)
     print(json.dumps(result, indent=1) if a.out is None else f"JSON: {a.out}")
     return 0
@@ -450,6 +453,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=int, default=1, metavar="DIVISOR",
                    help="--real-size: divide hidden sizes and head counts by this (1, 2 or 4; default 1: true shapes)")
     p.add_argument("--steps", type=int, default=1, help="--real-size: training steps per family (default 1)")
+    p.add_argument("--volume-grouping", type=int, default=1, metavar="G",
+                   help="--real-size: also train the 3D preset at batch G with train.volume_grouping G (the G "
+                        "questions of one volume, encoded once) and report the step time per sample at batch 1 and "
+                        "at G beside the slice preset's (default 1: batch 1 only)")
 
     def run(a: argparse.Namespace) -> int:
         import json
@@ -457,7 +464,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
         from .bench import print_table, run_bench
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if a.real_size or a.layers is not None or a.scale != 1 or a.steps != 1:
+        if a.real_size or a.layers is not None or a.scale != 1 or a.steps != 1 or a.volume_grouping != 1:
             return _run_real_size_bench(a)
         result = run_bench(a.out, repeats=a.repeats, quick=a.quick)
         print_table(result)

@@ -184,7 +184,10 @@ class TrainConfig:
     volume_grouping: int = 1
     """Questions of the same volume placed next to each other in the sample order, in groups of up to this many
     (``training.sampling.VolumeGroupedSampler``); a batch then holds fewer distinct volumes and the 3D model
-    encodes each once (``volume_index``). 1 = off. Needs ``per_device_batch_size`` > 1 to save anything."""
+    encodes each once (``volume_index``). 1 = off. Needs ``per_device_batch_size`` > 1 to save anything. With
+    grouping the training augmentation is drawn once per volume of a batch (``data.dataset.VolumeAugment``: one
+    zoom and intensity draw moves the volume and every row's box), not per question, so grouped rows share one
+    input also with ``data.augment_prob`` > 0."""
     coord_label_sigma: float = 0.0
     """Gaussian width, in bins, of the coordinate-token targets (``training.losses``): near-miss bins share the
     target mass, so the ordinal box coordinates learn from fewer samples. 0 = plain cross-entropy."""

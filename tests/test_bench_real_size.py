@@ -79,6 +79,8 @@ def test_flop_count_with_answer_logits_only_drops_exactly_the_cut_lm_head_work()
     (["--real-size", "--scale", "3"], "--scale must be 1, 2 or 4"),
     (["--real-size", "--layers", "0"], "--layers must be >= 1"),
     (["--real-size", "--quick"], "--quick and --repeats do not apply"),
+    (["--volume-grouping", "4"], "--volume-grouping needs --real-size"),
+    (["--real-size", "--volume-grouping", "0"], "--volume-grouping must be >= 1"),
 ])
 def test_real_size_options_are_checked_before_anything_runs(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(real_size, "run_real_size_bench", lambda *a, **k: pytest.fail("ran"))
@@ -90,15 +92,32 @@ def _positive(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def test_release_questions_fill_whole_volume_groups():
+    s = real_size.RealSizeSettings()
+    assert s.release_questions() == [1, 30]
+    four = real_size.RealSizeSettings(volume_grouping=4).release_questions()
+    assert four[:2] == [1, 30] and len(four) == 4 == len(set(four))
+    assert len(real_size.RealSizeSettings(questions=(1, 30, 2), volume_grouping=2).release_questions()) == 4
+
+
 @pytest.mark.slow  # builds a 151,936-row checkpoint, preprocesses, trains and predicts with both presets: minutes
 def test_real_size_bench_one_layer_reduced_width(tmp_path, monkeypatch, capsys):
     from transformers import AutoConfig
 
     monkeypatch.setenv("REASONKNEE3D_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "real.json"
-    assert main(["bench", "--real-size", "--layers", "1", "--scale", "4", "--out", str(out)]) == 0
+    assert main(["bench", "--real-size", "--layers", "1", "--scale", "4", "--volume-grouping", "4",
+                 "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     r = result["real_size"]
+    assert r["settings"]["volume_grouping"] == 4 and len(r["release"]["questions"]) == 4  # 1, 30 and two more
+    g = r["3d"]["train_grouped"]
+    assert (g["volume_grouping"], g["batch_size"], g["distinct_volumes"]) == (4, 4, 1)
+    assert _positive(g["median_step_s"]) and g["per_sample_s"] == pytest.approx(g["median_step_s"] / 4)
+    per = r["per_sample"]
+    assert set(per["3d_s"]) == set(per["slice_over_3d"]) == {"1", "4"}
+    assert per["3d_s"]["1"] == r["3d"]["train"]["median_step_s"] and per["3d_s"]["4"] == g["per_sample_s"]
+    assert per["slice_over_3d"]["4"] == pytest.approx(per["slice_s"] / g["per_sample_s"])
     assert r["settings"]["layers"] == 1 and r["settings"]["width_divisor"] == 4 and not r["settings"]["true_shapes"]
     ckpt = AutoConfig.from_pretrained(r["checkpoint"]["path"])
     assert (ckpt.text_config.vocab_size, ckpt.text_config.hidden_size, ckpt.text_config.num_hidden_layers) == (
@@ -119,4 +138,6 @@ def test_real_size_bench_one_layer_reduced_width(tmp_path, monkeypatch, capsys):
             assert _positive(f[phase]["host_peak_rss_bytes"])
             assert (f[phase]["device_peak_bytes"] is None) == (not torch.cuda.is_available())
         assert f["predict"]["samples"] == 1 and _positive(f["predict"]["seconds"])
-    assert "train step" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "train step" in printed
+    assert all(row in printed for row in ("3D per sample (G=1)", "3D per sample (G=4)", "slice per sample"))

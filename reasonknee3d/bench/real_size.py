@@ -39,7 +39,8 @@ class RealSizeSettings:
     """Synthetic release volumes (S, H, W): the OAI DESS grid the presets are made for."""
     volumes: int = 2
     questions: tuple[int, ...] = (1, 30)
-    """Question ids with items: 2 volumes x 2 questions = 4 training samples (all in the train split)."""
+    """Question ids with items: 2 volumes x 2 questions = 4 training samples (all in the train split). With
+    ``volume_grouping`` G > 1 further ids follow (``release_questions``) until each volume has a multiple of G."""
     layers: Optional[int] = None
     """Decoder layers of the language model, blocks of the 3D encoder and of the slice vision tower (None: the
     real 36, 12 and 32)."""
@@ -53,6 +54,22 @@ class RealSizeSettings:
     """Constrained decoding (``predict``'s default) forces the whole answer tail, which needs a budget of its
     length (56 tokens for question 1 with the package's tokenizer); a few-token predict runs unconstrained."""
     seed: int = 0
+    volume_grouping: int = 1
+    """G > 1: the 3D preset also trains ``steps`` steps at batch G with ``train.volume_grouping: G``, each batch
+    the G questions of one volume (the encoder runs once for them; augmentation drawn per volume), and the result
+    gives the per-sample step time at batch 1 and at batch G beside the slice preset's."""
+
+    def release_questions(self) -> list[int]:
+        """The question ids the bench release has items for: ``questions``, then (with ``volume_grouping`` G > 1)
+        the next ids of the schema until their number is a multiple of G, so that ``VolumeGroupedSampler`` cuts
+        every volume's questions into full groups and every batch of G holds one volume."""
+        from ..schema import load_schema
+
+        out = list(dict.fromkeys(int(q) for q in self.questions))
+        more = (q for q in sorted(load_schema()) if q not in out)
+        while self.volume_grouping > 1 and len(out) % self.volume_grouping:
+            out.append(next(more))
+        return out
 
 
 def _peak_reset() -> bool:
@@ -151,7 +168,10 @@ def _step_timer() -> Any:
             self.batch = {"tokens_per_sample": int(batch["attention_mask"][0].sum()),
                           "answer_tokens": int((batch["labels"][0] != -100).sum()),
                           "logit_tokens": int(answer_logits_only(batch).get("logits_to_keep",
-                                                                            batch["input_ids"].shape[1]))}
+                                                                            batch["input_ids"].shape[1])),
+                          "batch_size": int(batch["input_ids"].shape[0])}
+            if torch.is_tensor(batch.get("volumes")):
+                self.batch["distinct_volumes"] = int(batch["volumes"].shape[0])
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if torch.cuda.is_available():
@@ -199,9 +219,13 @@ def _run_family(s: RealSizeSettings, exp_name: str, lm_dir: Path, release: Path,
              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "run_training_s": seconds, "loss": trained.metrics.get("train_loss"), **peaks}
     train["text_tokens"] = train["tokens_per_sample"] - train["visual_tokens"]
+    train["per_sample_s"] = train["median_step_s"] / train["batch_size"]
     out["train"] = train
     del trained, model
     _release_memory()
+
+    if s.volume_grouping > 1 and name == "3d":
+        out["train_grouped"] = _train_grouped(s, exp_name, base, lm_dir, release, work)
 
     logger.info("real size %s: predict %d sample(s), %d new tokens", name, s.predict_samples, s.predict_new_tokens)
     reset = _peak_reset()
@@ -217,6 +241,32 @@ def _run_family(s: RealSizeSettings, exp_name: str, lm_dir: Path, release: Path,
     return exp, out
 
 
+def _train_grouped(s: RealSizeSettings, exp_name: str, base: Any, lm_dir: Path, release: Path,
+                   work: Path) -> dict[str, Any]:
+    """``s.steps`` training steps of the 3D preset at batch G = ``s.volume_grouping`` with ``train.volume_grouping:
+    G``: every batch is the G questions of one volume (``release_questions``), whose encoder runs once."""
+    from ..families import load_experiment_config
+    from ..training.trainer import run_training
+
+    g = s.volume_grouping
+    exp = load_experiment_config(exp_name, [*_real_size_overrides(s, base, lm_dir, release, work / f"run_3d_g{g}"),
+                                            f"train.per_device_batch_size={g}", f"train.volume_grouping={g}"])
+    logger.info("real size 3d: %d training step(s) at batch %d, volume_grouping %d", s.steps, g, g)
+    timer = _step_timer()
+    reset, t0 = _peak_reset(), time.perf_counter()
+    trained = run_training(exp, callbacks=[timer])
+    seconds = time.perf_counter() - t0
+    out = {"volume_grouping": g, "steps_s": timer.steps_s, "median_step_s": statistics.median(timer.steps_s),
+           **timer.batch, "run_training_s": seconds, "loss": trained.metrics.get("train_loss"), **_peaks(reset)}
+    if out.get("distinct_volumes") != 1:
+        raise RuntimeError(f"real-size bench: the batch of {g} held {out.get('distinct_volumes')} distinct volumes, "
+                           "expected the questions of one volume")
+    out["per_sample_s"] = out["median_step_s"] / out["batch_size"]
+    del trained
+    _release_memory()
+    return out
+
+
 def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[RealSizeSettings] = None,
                         work_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """Both real presets end to end at the true sizes (``RealSizeSettings``), on this machine's GPU when it has
@@ -224,7 +274,9 @@ def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[Rea
     tokenizer, write a synthetic release at the real volume shape, then per family ``preprocess``, train
     ``steps`` steps with ``run_training`` and ``predict`` a few tokens. Reports step time, tokens per sample,
     peak device / host memory of each phase and the step's FLOPs (``count_real_size_flops`` on the meta device,
-    for the sizes that ran) beside them. Returns ``{"real_size": ..., "seconds", "machine"}`` (JSON-ready, also
+    for the sizes that ran) beside them; with ``volume_grouping`` G > 1 also the 3D preset's step at batch G (one
+    volume's G questions, ``train.volume_grouping: G``) and the step time per sample of each run (``per_sample``).
+    Returns ``{"real_size": ..., "seconds", "machine"}`` (JSON-ready, also
     written to ``out``); the keys extend ``run_bench``'s output.
 
     ``work_dir`` (default: a temporary folder, removed afterwards) receives the release, runs and predictions.
@@ -234,9 +286,10 @@ def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[Rea
     from ..data.synth import write_synthetic_release
 
     s = settings or RealSizeSettings()
-    if s.steps < 1 or s.predict_samples < 1 or s.predict_new_tokens < 1:
-        raise ValueError(f"steps {s.steps}, predict_samples {s.predict_samples} and predict_new_tokens "
-                         f"{s.predict_new_tokens} must be >= 1")
+    if s.steps < 1 or s.predict_samples < 1 or s.predict_new_tokens < 1 or s.volume_grouping < 1:
+        raise ValueError(f"steps {s.steps}, predict_samples {s.predict_samples}, predict_new_tokens "
+                         f"{s.predict_new_tokens} and volume_grouping {s.volume_grouping} must be >= 1")
+    questions = s.release_questions()
     t_start, load_start = time.perf_counter(), os.getloadavg()
     lm_dir, checkpoint = real_size_checkpoint(s)
     text_config = AutoConfig.from_pretrained(lm_dir).text_config.to_dict()
@@ -245,8 +298,8 @@ def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[Rea
         release = work / "release"
         t0 = time.perf_counter()
         write_synthetic_release(release, n_volumes=s.volumes, shape=s.volume_shape, seed=s.seed,
-                                questions=list(s.questions))
-        section["release"] = {"volumes": s.volumes, "shape": list(s.volume_shape), "questions": list(s.questions),
+                                questions=questions)
+        section["release"] = {"volumes": s.volumes, "shape": list(s.volume_shape), "questions": questions,
                               "seconds": time.perf_counter() - t0}
         exps = {}
         for key, name in (("3d", s.config_3d), ("slice", s.config_slice)):
@@ -260,6 +313,7 @@ def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[Rea
         train["flops_per_step_causal"] = flops[f"{key}_flops_causal"]
         train["achieved_flops_per_s"] = train["flops_per_step_causal"] / train["median_step_s"]
     section["step_ratio"] = section["slice"]["train"]["median_step_s"] / section["3d"]["train"]["median_step_s"]
+    section["per_sample"] = _per_sample(section)
     section["settings"] = {**_plain(asdict(s)), "device": "cuda" if torch.cuda.is_available() else "cpu",
                            "language_model": {k: text_config.get(k) for k in (
                                "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -282,6 +336,17 @@ def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[Rea
     if out is not None:
         write_json(out, result)
     return result
+
+
+def _per_sample(section: dict[str, Any]) -> dict[str, Any]:
+    """Training step time per sample of the 3D preset at batch 1 (and at batch G with volume grouping) and of the
+    slice preset, and slice / 3D for each G; keyed by G as a string."""
+    slice_s = section["slice"]["train"]["per_sample_s"]
+    runs = {"1": section["3d"]["train"]}
+    if "train_grouped" in section["3d"]:
+        runs[str(section["3d"]["train_grouped"]["volume_grouping"])] = section["3d"]["train_grouped"]
+    return {"3d_s": {g: r["per_sample_s"] for g, r in runs.items()}, "slice_s": slice_s,
+            "slice_over_3d": {g: slice_s / r["per_sample_s"] for g, r in runs.items()}}
 
 
 def _gib(n: Optional[int]) -> str:
@@ -311,10 +376,26 @@ def print_real_size_table(result: dict[str, Any], console: Any = None) -> None:
         table.add_row(key, "train step", f"{t['median_step_s']:.2f}", f"{t['tokens_per_sample']:,} ({t['visual_tokens']:,} vis)",
                       f"{t['flops_per_step_causal'] / 1e12:.2f}", f"{t['achieved_flops_per_s'] / 1e9:.1f}",
                       _gib(t["device_peak_bytes"]), _gib(t["host_peak_rss_bytes"]))
+        grouped = f.get("train_grouped")
+        if grouped is not None:
+            table.add_row(key, f"train step G={grouped['volume_grouping']}",
+                          f"{grouped['median_step_s']:.2f}",
+                          f"{grouped['tokens_per_sample']:,} (row 1 of {grouped['batch_size']})", "", "",
+                          _gib(grouped["device_peak_bytes"]), _gib(grouped["host_peak_rss_bytes"]))
         table.add_row(key, "predict", f"{pr['seconds']:.1f}", "", "", "", _gib(pr["device_peak_bytes"]),
                       _gib(pr["host_peak_rss_bytes"]))
     console = console or Console()
     console.print(table)
+    per = r.get("per_sample")
+    if per is not None:
+        samples = Table(title="training step time per sample (median step / batch size)")
+        samples.add_column("")
+        samples.add_column("s per sample")
+        samples.add_column("slice / 3D")
+        for g, t3d in per["3d_s"].items():
+            samples.add_row(f"3D per sample (G={g})", f"{t3d:.3f}", f"{per['slice_over_3d'][g]:.2f}x")
+        samples.add_row("slice per sample", f"{per['slice_s']:.3f}", "")
+        console.print(samples)
     steps = len(r["3d"]["train"]["steps_s"])
     console.print(f"train step: median of {steps}, tokens per sample (visual), TFLOP counted (causal attention at "
                   f"half), GFLOP/s = TFLOP / step time; predict: {r['3d']['predict']['samples']} sample x "

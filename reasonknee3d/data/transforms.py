@@ -6,7 +6,8 @@ Two pipelines, both built from one ``PreprocessConfig``:
   to ``cfg.input_shape`` -> clip intensities at percentiles -> normalize. Deterministic; its output is
   what ``VolumeCache`` stores.
 - ``build_train_augment(cfg)``: random isotropic zoom (MONAI's ``RandZoomBoxd``, image size kept) and
-  intensity scale/shift, applied to the cached model-input array during training.
+  intensity scale/shift, applied to the cached model-input array during training; ``build_volume_augment(cfg)``
+  is the same draw for a volume and the boxes of several questions about it (``train.volume_grouping``).
 
 Data dicts hold ``"image"`` as ``(1, S, H, W)``, optionally ``"mask"`` (same grid, labels) and ``"box"``
 (one inclusive voxel box in the package convention, or None). Inside the pipelines the box is converted
@@ -197,21 +198,70 @@ def build_preprocess(cfg: PreprocessConfig, with_mask: bool = False) -> Compose:
     ])
 
 
+class BoxListToCornersd(MapTransform):
+    """A list of package boxes (each a box or None) -> MONAI ``(N, 6)`` corners of the present ones; which entries
+    were present goes to ``<box_key>_present`` for ``CornersToBoxListd``."""
+
+    def __init__(self, box_key: str = "boxes") -> None:
+        super().__init__([box_key])
+        self.box_key = box_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        boxes = list(d[self.box_key])
+        present = [b is not None for b in boxes]
+        d[self.box_key] = (to_corners([b for b in boxes if b is not None]).reshape(-1, 6) if any(present)
+                           else np.zeros((0, 6)))
+        d[f"{self.box_key}_present"] = present
+        return d
+
+
+class CornersToBoxListd(MapTransform):
+    """MONAI corners -> the list of package boxes clipped into the image grid, None where there was none."""
+
+    def __init__(self, box_key: str = "boxes", ref_key: str = "image") -> None:
+        super().__init__([box_key])
+        self.box_key, self.ref_key = box_key, ref_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        corners = np.asarray(d[self.box_key], dtype=np.float64).reshape(-1, 6)
+        shape = tuple(d[self.ref_key].shape[1:])
+        moved = iter([int(v) for v in box] for box in clip_boxes(from_corners(corners), shape))
+        d[self.box_key] = [next(moved) if p else None for p in d.pop(f"{self.box_key}_present")]
+        return d
+
+
+def _rand_zoom(cfg: PreprocessConfig, box_key: str, with_mask: bool) -> RandZoomBoxd:
+    image_keys = ["image"] + (["mask"] if with_mask else [])
+    return RandZoomBoxd(image_keys=image_keys, box_keys=[box_key], box_ref_image_keys="image", prob=cfg.augment_prob,
+                        min_zoom=cfg.zoom_range[0], max_zoom=cfg.zoom_range[1],
+                        mode=["trilinear"] + ["nearest-exact"] * with_mask,
+                        # Zooming out pads: replicate the image border (background), never invent labels.
+                        padding_mode=["edge"] + ["constant"] * with_mask,
+                        keep_size=True)
+
+
+def _rand_intensity(cfg: PreprocessConfig) -> list[MapTransform]:
+    return [RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.augment_prob),
+            RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.augment_prob)]
+
+
 def build_train_augment(cfg: PreprocessConfig, with_mask: bool = False) -> Compose:
     """Random training transforms on a model-input dict ``{"image": (1, S, H, W)[, "mask"], "box": box|None}``."""
-    image_keys = ["image"] + (["mask"] if with_mask else [])
-    return Compose([
-        BoxToCornersd("box"),
-        RandZoomBoxd(image_keys=image_keys, box_keys=["box"], box_ref_image_keys="image", prob=cfg.augment_prob,
-                     min_zoom=cfg.zoom_range[0], max_zoom=cfg.zoom_range[1],
-                     mode=["trilinear"] + ["nearest-exact"] * with_mask,
-                     # Zooming out pads: replicate the image border (background), never invent labels.
-                     padding_mode=["edge"] + ["constant"] * with_mask,
-                     keep_size=True),
-        CornersToBoxd("box", ref_key="image"),
-        RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.augment_prob),
-        RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.augment_prob),
-    ])
+    return Compose([BoxToCornersd("box"), _rand_zoom(cfg, "box", with_mask), CornersToBoxd("box", ref_key="image"),
+                    *_rand_intensity(cfg)])
+
+
+def build_volume_augment(cfg: PreprocessConfig) -> Compose:
+    """``build_train_augment`` for several boxes of one volume: ``{"image": (1, S, H, W), "boxes": [box|None, ...]}``.
+
+    One draw (zoom factor, intensity scale and shift) transforms the image once and moves every box with it
+    (MONAI's ``RandZoomBoxd`` takes N boxes). The random transforms are the same, in the same order, as
+    ``build_train_augment``'s, so both pipelines seeded alike make the same draw.
+    """
+    return Compose([BoxListToCornersd("boxes"), _rand_zoom(cfg, "boxes", False),
+                    CornersToBoxListd("boxes", ref_key="image"), *_rand_intensity(cfg)])
 
 
 def preprocess_volume(path: str | Path, cfg: PreprocessConfig,

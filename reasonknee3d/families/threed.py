@@ -74,7 +74,8 @@ class ReasonKnee3DFamily(Family):
     def coord_token_ids(self, model: nn.Module, processor: Any) -> list[int]:
         return list(model.config.coord_token_ids or [])
 
-    def _dataset(self, data_dir: str | Path, split: str, prep: Any, train: bool) -> Dataset:
+    def _dataset(self, data_dir: str | Path, split: str, prep: Any, train: bool,
+                 augment_per_volume: bool = False) -> Dataset:
         from ..data.cache import VolumeCache, preprocess_release
         from ..data.dataset import VolumeQADataset
         from ..data.release import cache_root
@@ -88,11 +89,16 @@ class ReasonKnee3DFamily(Family):
         if len(kept) < len(samples):
             logger.warning("%s: %d of %d %s samples have no preprocessed volume (see %s) and are left out",
                            data_dir, len(samples) - len(kept), len(samples), split, cache.dir)
-        return VolumeQADataset(kept, cache, train=train)
+        return VolumeQADataset(kept, cache, train=train, augment_per_volume=augment_per_volume)
 
     def train_data(self, exp: "ExperimentConfig", model: nn.Module, processor: Any) -> tuple[Dataset, Collate]:
-        return (self._dataset(exp.train.data_dir, exp.train.split, exp.data, train=True),
-                _VolumeBatcher(processor, with_answers=True, group_volumes=exp.train.volume_grouping > 1))
+        # With volume grouping the augmentation is drawn per volume in the collator, so questions about one
+        # volume keep one input and the encoder runs once for them; without it, per item as always.
+        grouping = exp.train.volume_grouping > 1
+        dataset = self._dataset(exp.train.data_dir, exp.train.split, exp.data, train=True,
+                                augment_per_volume=grouping)
+        return dataset, _VolumeBatcher(processor, with_answers=True, group_volumes=grouping,
+                                       augment=dataset.volume_augment)
 
     def predict_data(self, model: nn.Module, processor: Any, data_dir: str | Path, split: str,
                      images: Optional[str | Path] = None,
@@ -150,16 +156,36 @@ def _standardized(volume: Any) -> torch.Tensor:
 
 
 class _VolumeBatcher:
-    """VolumeQADataset items -> processor batch (a class, not a closure, so DataLoader workers can pickle it)."""
+    """VolumeQADataset items -> processor batch (a class, not a closure, so DataLoader workers can pickle it).
 
-    def __init__(self, processor: Any, with_answers: bool, group_volumes: bool = False) -> None:
+    ``augment`` (``data.dataset.VolumeAugment``, for un-augmented training items): one augmentation drawn per
+    distinct volume of the batch, and with ``group_volumes`` the rows are grouped by the volume they ask about.
+    Without it ``group_volumes`` merges rows whose inputs are equal (``group_volumes``).
+    """
+
+    def __init__(self, processor: Any, with_answers: bool, group_volumes: bool = False, augment: Any = None) -> None:
         self.processor, self.with_answers, self.group_volumes = processor, with_answers, group_volumes
+        self.augment = augment
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        index = None
+        if self.augment is not None:
+            items, index = self.augment(items)
         batch = dict(self.processor([it["volume"] for it in items], [it["prompt"] for it in items],
                                     [it["answer"] for it in items] if self.with_answers else None,
                                     orig_shapes=[it["orig_shape"] for it in items]))
-        return group_volumes(batch) if self.group_volumes else batch
+        if not self.group_volumes:
+            return batch
+        return group_volumes(batch) if index is None else indexed_volumes(batch, index)
+
+
+def indexed_volumes(batch: dict[str, Any], index: list[int]) -> dict[str, Any]:
+    """``batch`` with volume ``k`` once in ``volumes`` (from its first row) and ``volume_index`` = ``index``, the
+    volume of each row (numbered in order of first appearance); a batch of distinct volumes is returned as is."""
+    if len(set(index)) == len(index):
+        return batch
+    first = [index.index(k) for k in range(max(index) + 1)]
+    return {**batch, "volumes": batch["volumes"][first], "volume_index": torch.tensor(index, dtype=torch.long)}
 
 
 def group_volumes(batch: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..attention import select_attn_implementation
 from ..io_utils import normalize_permissions
+from ..models.precision import describe_saved_precision
 from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, link_base_files, merge_checkpoint, resolve_resume
 from ..config import ENCODER_STAGES, TrainConfig
@@ -184,6 +185,10 @@ class ReasonKneeTrainer(Trainer):
             raise NonFiniteTrainingError(
                 f"step {self.state.global_step}: trainable weights are not finite ({names}); not saving them to "
                 f"{output_dir or self.args.output_dir}. Lower train.learning_rate (now {self.args.learning_rate})")
+        if not isinstance(self.model, PeftModel):
+            # A fully trained, float32 language model under a bfloat16 dtype: the saved config says so, and the
+            # folder loads back in float32 (with LoRA, the adapter file keeps what trained in float32).
+            describe_saved_precision(self.model)
         super().save_model(output_dir, _internal_call)
         if not self.args.should_save:
             return

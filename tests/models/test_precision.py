@@ -1,6 +1,7 @@
 """The real-size dtype path of the 3D model: bf16 on CPU, float32 parts under a bf16 LM, no deprecation warnings."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -87,3 +88,55 @@ def test_from_qwen_in_bf16_keeps_the_new_parts_fp32_and_reloads_so(tiny_qwen_dir
     model.save_pretrained(tmp_path / "m")
     again = ReasonKnee3DForConditionalGeneration.from_pretrained(tmp_path / "m")
     assert {n: p.dtype for n, p in again.named_parameters()} == dtypes
+    assert json.loads((tmp_path / "m" / "config.json").read_text()).get("float32_modules") is None  # nothing extra
+
+
+def _saved(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_float32_parts_beside_bf16_ones_are_listed_and_reload_exactly(tiny_qwen_dir, toy, tmp_path):
+    model, _ = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(
+        tiny_qwen_dir, encoder_config=toy.config().encoder_config.to_dict(), num_bins=16,
+        attn_implementation="sdpa", dtype="bfloat16")
+    # A trained, float32 output layer and one float32 norm in a bfloat16 language model, values off bf16's grid.
+    norm = model.model.language_model.layers[0].input_layernorm
+    for part in (model.lm_head, norm):
+        part.float()
+        with torch.no_grad():
+            for p in part.parameters():
+                p.add_(1e-4 * torch.arange(p.numel()).reshape(p.shape))
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    tied = model.lm_head.weight is model.get_input_embeddings().weight  # then the embedding is float32 too
+    assert config["float32_modules"] == ["model.language_model.embed_tokens"] * tied + [
+        "model.language_model.layers.0.input_layernorm", "lm_head"]
+    saved = _saved(tmp_path / "m")
+    assert saved["model.language_model.layers.0.input_layernorm.weight"].dtype == torch.float32
+    assert saved["model.language_model.layers.1.input_layernorm.weight"].dtype == torch.bfloat16
+
+    again = ReasonKnee3DForConditionalGeneration.from_pretrained(tmp_path / "m")
+    want = dict(model.named_parameters())
+    got = dict(again.named_parameters())
+    assert {n: p.dtype for n, p in got.items()} == {n: p.dtype for n, p in want.items()}
+    assert got["model.language_model.layers.1.input_layernorm.weight"].dtype == torch.bfloat16  # frozen: bf16
+    for name, p in got.items():
+        torch.testing.assert_close(p, want[name], rtol=0, atol=0, msg=name)
+
+
+def test_an_all_float32_model_under_a_bf16_config_saves_as_float32(tiny_qwen_dir, toy, tmp_path):
+    model, _ = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(
+        tiny_qwen_dir, encoder_config=toy.config().encoder_config.to_dict(), num_bins=16,
+        attn_implementation="sdpa", dtype="bfloat16")
+    model.model.language_model.float()
+    model.lm_head.float()
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-4)  # not representable in bfloat16 next to the weights' values
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == "float32" and config.get("float32_modules") is None
+    again = ReasonKnee3DForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert all(p.dtype == torch.float32 for p in again.parameters())
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)

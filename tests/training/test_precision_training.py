@@ -87,3 +87,68 @@ def test_slice_lora_and_token_rows_are_fp32_under_a_bf16_model(tmp_path: Path, m
     assert {n: p.dtype for n, p in got.items()} == {n: p.dtype for n, p in want.items()}
     for name, p in trainable:
         torch.testing.assert_close(got[name.removeprefix("base_model.model.")], p, rtol=0, atol=0)
+
+
+# model.dtype bfloat16 with the language model trained in full (the tiny presets' train.language_model: full).
+FULL_LM = ["model.dtype=bfloat16", "train.bf16=auto", "train.report_to=[]", "train.dataloader_num_workers=0",
+           "train.logging_steps=1", "train.max_steps=1", "train.per_device_batch_size=2", "train.learning_rate=1e-5",
+           "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.save_steps=100"]
+
+
+def _moved_below_bf16(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """One small AdamW step moved the weight, by less than bfloat16 keeps for most entries."""
+    return bool((after != before).any()) and bool((after.bfloat16() == before.bfloat16()).float().mean() > 0.5)
+
+
+def test_3d_full_language_model_under_bf16_saves_float32_and_reloads_it_exactly(
+        tmp_path: Path, release: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment_config("tiny_3d", [*FULL_LM, f"train.data_dir={release}", f"train.output_dir={tmp_path / 'run'}",
+                                             "train.language_model=full", "model.language_model.tiny.num_hidden_layers=1"])
+    family = get_family("3d")
+    untrained, _ = family.build(exp, "sdpa")
+    key = "model.language_model.layers.0.mlp.up_proj.weight"
+    before = untrained.get_parameter(key).detach().float().clone()
+    assert untrained.get_parameter(key).dtype == torch.bfloat16
+    result = run_training(exp)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # every part of tiny_3d trains
+
+    final = tmp_path / "run" / "final"
+    config = json.loads((final / "config.json").read_text())
+    # The folder holds only float32 weights and says so, also in the language model's own config.
+    assert config["dtype"] == config["text_config"]["dtype"] == "float32" and config.get("float32_modules") is None
+    saved = load_file(str(final / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    assert _moved_below_bf16(before, saved[key])  # a bfloat16 reload would have lost this step
+
+    reloaded, _ = family.load(final, "sdpa")
+    state = reloaded.state_dict()
+    for name, value in saved.items():
+        assert state[name].dtype == torch.float32, name
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_slice_full_language_model_under_bf16_reloads_float32_beside_the_bf16_vision_tower(
+        tmp_path: Path, release: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment_config("tiny_slice", [*FULL_LM, f"train.data_dir={release}",
+                                                f"train.output_dir={tmp_path / 'run'}", "train.language_model=full"])
+    result = run_training(exp)
+    trained = dict(result.model.named_parameters())
+    assert {p.dtype for n, p in trained.items() if n.startswith("model.visual.")} == {torch.bfloat16}  # frozen
+    assert {p.dtype for n, p in trained.items() if not n.startswith("model.visual.")} == {torch.float32}
+
+    final = tmp_path / "run" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"  # the frozen vision tower's
+    assert set(config["float32_modules"]) >= {"model.language_model"}
+    saved = load_file(str(final / "model.safetensors"))  # Qwen2.5-VL's file layout: model.layers..., visual...
+    assert saved["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert saved["visual.blocks.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+    reloaded, _ = get_family("slice").load(final, "sdpa")
+    got = dict(reloaded.named_parameters())
+    assert {n: p.dtype for n, p in got.items()} == {n: p.dtype for n, p in trained.items()}
+    for name, p in trained.items():
+        torch.testing.assert_close(got[name], p.detach(), rtol=0, atol=0, msg=name)
+    assert reloaded.config.dtype == torch.bfloat16

@@ -64,6 +64,10 @@ class ReasonKnee3DConfig(PreTrainedConfig):
     box's part of the input volume, resampled to this size, through the same encoder, pooled and projected by
     ``RegionProjector``) is added to the input embedding of its ``<|box_end|>`` and of every token after it
     (``region.py``)."""
+    float32_modules: list[str] | None = None
+    """Parts a saved folder holds in float32 under a half-precision ``dtype`` beyond the encoder and projectors
+    (which always are): written at save time (``models.precision.describe_saved_precision``), kept float32 when the
+    folder loads. None: no such parts."""
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.encoder_config is not None:

@@ -26,7 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
 from ...constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
-from ..precision import autocast_like
+from ..precision import autocast_like, describe_saved_precision, float32_patterns
 from ..tiny_qwen import default_tiny_qwen_dir
 from .configuration_reasonknee3d import ReasonKnee3DConfig, ReasonKnee3DModelArgs
 from .encoders import EncoderConfig, build_encoder, init_encoder_from_files
@@ -80,12 +80,23 @@ class ReasonKnee3DPreTrainedModel(PreTrainedModel):
     @property
     def dtype(self) -> torch.dtype:
         """The language model's dtype: the model's configured dtype (``save_pretrained`` writes it to config.json,
-        ``from_pretrained`` loads in it), whatever the float32 encoder and projectors hold."""
+        ``from_pretrained`` loads in it), whatever the float32 encoder and projectors hold. A language model partly
+        float32 (trained parts beside frozen half-precision ones, ``config.float32_modules``) has the half dtype."""
         owner = self if hasattr(self, "language_model") else getattr(self, "model", None)
         lm = getattr(owner, "language_model", None)
         if lm is None:
             return super().dtype
-        return next(p.dtype for p in lm.parameters() if p.is_floating_point())
+        dtypes = {p.dtype for p in lm.parameters() if p.is_floating_point()}
+        return next(iter(dtypes)) if len(dtypes) == 1 else next(d for d in dtypes if d != torch.float32)
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained`` with the config first saying which weights it writes in float32
+        (``precision.describe_saved_precision``: dtype float32 when all are, else ``float32_modules``), so that
+        ``from_pretrained`` gives back exactly the saved weights in their dtypes (a fully trained language model
+        stays float32 under ``model.dtype: bfloat16``)."""
+        describe_saved_precision(self, kept=type(self)._keep_in_fp32_modules_strict)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -312,6 +323,9 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
         self.model = ReasonKnee3DModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # What a saved folder holds in float32 beyond the encoder and projectors (config.float32_modules):
+        # from_pretrained materializes those weights in float32 instead of rounding them to the folder's dtype.
+        self._keep_in_fp32_modules_strict.update(float32_patterns(config.float32_modules))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

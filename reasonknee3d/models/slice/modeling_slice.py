@@ -16,7 +16,7 @@ import torch
 
 from ...attention import select_attn_implementation
 from ...constants import COORD_TOKEN_FORMAT
-from ..precision import restore_adapter_precision
+from ..precision import FLOAT32_MODULES, cast_outside_float32_modules, restore_adapter_precision
 from ..tokens import add_box_tokens_to_model
 from .configuration_slice import DTYPES, SLICE_CONFIG_ATTR, SliceBaselineConfig, as_slice_config, base_model_dir
 from .features import CachedFeatures, SliceFeatureCache, base_model, compute_video_features
@@ -67,7 +67,13 @@ def load_slice_model(model_dir: str | os.PathLike, attn_implementation: str = "a
     if raw is None:
         raise ValueError(f"{path}: config.json has no {SLICE_CONFIG_ATTR!r}; not a slice model folder")
     cfg = SliceBaselineConfig.from_dict(raw, where=f"{path}/config.json:{SLICE_CONFIG_ATTR}")
-    model, processor = _load_pretrained(path, DTYPES[cfg.dtype], attn_implementation)
+    # A language model trained in full was saved float32 beside the frozen half-precision vision tower
+    # (config.float32_modules): load all in float32, exactly, and cast the rest back to the dtype it was saved in.
+    float32_modules = getattr(config, FLOAT32_MODULES, None)
+    dtype = DTYPES[cfg.dtype]
+    model, processor = _load_pretrained(path, torch.float32 if float32_modules else dtype, attn_implementation)
+    if float32_modules:
+        cast_outside_float32_modules(model, float32_modules, dtype)
     restore_adapter_precision(model, path)  # LoRA and token rows come back float32, as they were saved
     return model, configure_processor(processor, cfg)
 
