@@ -53,9 +53,13 @@ class DemoSettings:
     pictures: int = 2
     """``infer`` pictures written for the 3D-native model."""
     pretrain_steps: int = 300
-    """Steps of ``train.stage: region_grades`` (batch ``batch_size`` volumes) before the 3D-native model trains;
-    its encoder then starts from the pretrained one, and the region_grades model itself is the ``3d_classifier``
-    row. 0: no pretraining and no classifier rows."""
+    """Steps of ``train.stage: region_grades`` (batch ``batch_size`` volumes, each box cropped and encoded as the
+    region look does: ``train.pretrain.roi: crop``) before the 3D-native model trains; its encoder then starts
+    from the pretrained one, and the region_grades model itself is the ``3d_classifier`` row. 0: no pretraining
+    and no classifier rows."""
+    pretrain_class_balance: float = 1.0
+    """``train.pretrain.class_balance`` of the pretraining: 1 weighs every grade of a head equally, what balanced
+    accuracy rewards."""
 
 
 CLASSIFIER_ROWS = {"3d_classifier": "predictions_3d.jsonl", "3d_classifier_reference_boxes": "reference"}
@@ -114,6 +118,8 @@ def _pretrain(release: Path, run_dir: Path, s: DemoSettings) -> tuple[Path, floa
         "train.stage=region_grades", "train.encoder=full", "train.projector=frozen", "train.language_model=frozen",
         "train.new_token_rows=false", f"train.data_dir={json.dumps(str(release))}",
         f"train.output_dir={json.dumps(str(run_dir))}", f"train.max_steps={s.pretrain_steps}",
+        "train.pretrain.roi=crop", f"train.pretrain.class_balance={s.pretrain_class_balance}",
+        f"train.save_steps={max(s.pretrain_steps, 1)}",
         f"train.per_device_batch_size={s.batch_size}", f"train.seed={s.seed}",
         f"train.learning_rate={s.learning_rate}"])
     t0 = time.perf_counter()
@@ -185,8 +191,9 @@ def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = F
     lines += ["", "Full reports: `reports/<row>/report.md`. The majority baseline answers "
               "the most common train grade per (question, field) and the per-question median train box."]
     if "3d_classifier" in table:
-        lines += ["", "`3d_classifier`: the region_grades model (the 3D model's pretrained encoder and one linear "
-                  "head per category and field) grading in the boxes the 3D-native model wrote, no language model; "
+        lines += ["", "`3d_classifier`: the region_grades model (the 3D model's pretrained encoder on a crop of each box "
+                  "and one linear head per category and field) grading in the boxes the 3D-native model wrote, no "
+                  "language model; "
                   f"boxes: {json.dumps(table['3d_classifier'].get('box_sources'))}. Its train_seconds are the "
                   "pretraining's."]
     if oracle in table:
