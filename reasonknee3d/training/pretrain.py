@@ -19,33 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from torch import nn
-from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..io_utils import atomic_dir, normalize_permissions, write_jsonl
+from .pretrain_parts import PretrainParts
 
 logger = logging.getLogger(__name__)
 
 ENCODER_DIR = "encoder"
-
-
-@dataclass
-class PretrainParts:
-    """What a pretraining stage trains on and what it writes besides the encoder."""
-
-    model: nn.Module
-    """Has ``.encoder``; ``forward(**batch)`` returns ``{"loss": tensor}``; may define ``log_metrics()``."""
-    dataset: Dataset
-    collator: Callable[[list[Any]], dict[str, Any]]
-    save_extras: Callable[[Path, nn.Module], None]
-    """Writes the stage's own files into the output folder (main process only, after training)."""
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    """(item, why) left out of training, listed in ``skipped.jsonl``."""
 
 
 def _stage_parts(stage: str) -> Callable[[Any, nn.Module], PretrainParts]:
