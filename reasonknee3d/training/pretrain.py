@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..io_utils import atomic_dir, normalize_permissions, write_jsonl
+from .hf_trainer import ReasonKneeTrainer, TrainResult, build_training_arguments
 from .pretrain_parts import PretrainParts
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ def run_encoder_pretraining(exp: Any, callbacks: Sequence[Any] = ()) -> Any:
     from ..models.reasonknee3d.encoders import build_encoder, init_encoder_from_files
     from .callbacks import MetricsJsonlCallback, ProgressBarCallback
     from .checkpoints import resolve_resume
-    from .trainer import ReasonKneeTrainer, TrainResult, build_training_arguments
 
     train = exp.train
     if not hasattr(exp.model, "sub_configs"):

@@ -30,7 +30,7 @@ from ..io_utils import atomic_path, write_json
 from ..models.reasonknee3d.region_heads import (HEADS_FILE, HEADS_WEIGHTS, RegionGradeModel, grade_class_weights,
                                                 grade_heads, head_key)
 from ..schema import load_schema
-from .pretrain import PretrainParts
+from .pretrain_parts import PretrainParts
 
 
 class RegionGradeDataset(Dataset):
