@@ -403,10 +403,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "numbers only show that the loop runs (README.md gives dated run times)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier demo in --out that used other settings (same settings resume)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic release and of every training run (default 0); runs with other "
+                        "seeds give the spread of the table")
 
     def run(a: argparse.Namespace) -> int:
-        from .demo import run_demo
-        run_demo(a.out, quick=a.quick, overwrite=a.overwrite)
+        import dataclasses
+
+        from .demo import QUICK, DemoSettings, run_demo
+        if a.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {a.seed}")
+        run_demo(a.out, quick=a.quick, overwrite=a.overwrite,
+                 settings=dataclasses.replace(QUICK if a.quick else DemoSettings(), seed=a.seed))
         return 0
     p.set_defaults(func=run)
 

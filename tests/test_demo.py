@@ -1,4 +1,5 @@
 """The demo chains every real code path: synth -> train both families -> predict -> score -> infer."""
+import dataclasses
 import json
 
 from reasonknee3d.demo import DemoSettings, run_demo
@@ -78,3 +79,16 @@ def test_printed_table_fits_100_columns_and_marks_a_smoke_test(monkeypatch):
         assert any(line.split()[:1] == ["slice"] and "-0.620" in line and "5120" in line for line in lines)
         assert ("SMOKE TEST" in buf.getvalue()) == quick
         assert ("smoke test" in _markdown(_table(0.1), QUICK, quick)) == quick
+
+
+def test_demo_seed_reaches_the_settings(monkeypatch, tmp_path):
+    import reasonknee3d.demo as demo
+    from reasonknee3d.cli import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, quick, overwrite, settings: seen.append((quick, settings)))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--seed", "3"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "q"), "--quick", "--seed", "2"]) == 0
+    assert seen[0] == (False, dataclasses.replace(demo.DemoSettings(), seed=3))
+    assert seen[1] == (True, dataclasses.replace(demo.QUICK, seed=2))
+    assert main(["demo", "--out", str(tmp_path / "n"), "--seed", "-1"]) == 2 and len(seen) == 2
