@@ -153,35 +153,6 @@ class ResizeWithBoxd(MapTransform):
         return d
 
 
-class BoxToCornersd(MapTransform):
-    """Package box (or None) -> MONAI ``(N, 6)`` half-open corners (N = 0 without a box)."""
-
-    def __init__(self, box_key: str = "box") -> None:
-        super().__init__([box_key], allow_missing_keys=True)
-        self.box_key = box_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        box = d.get(self.box_key)
-        d[self.box_key] = np.zeros((0, 6)) if box is None else to_corners(box).reshape(1, 6)
-        return d
-
-
-class CornersToBoxd(MapTransform):
-    """MONAI corners -> package box clipped into the image grid (None when there is no box)."""
-
-    def __init__(self, box_key: str = "box", ref_key: str = "image") -> None:
-        super().__init__([box_key])
-        self.box_key, self.ref_key = box_key, ref_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        corners = np.asarray(d[self.box_key], dtype=np.float64).reshape(-1, 6)
-        shape = tuple(d[self.ref_key].shape[1:])
-        d[self.box_key] = None if len(corners) == 0 else [int(v) for v in clip_boxes(from_corners(corners[0]), shape)]
-        return d
-
-
 def build_preprocess(cfg: PreprocessConfig, with_mask: bool = False) -> Compose:
     """Deterministic path -> model-input pipeline. Input ``{"image": path[, "mask": path][, "box": box]}``."""
     keys = ["image"] + (["mask"] if with_mask else [])
@@ -229,6 +200,31 @@ class CornersToBoxListd(MapTransform):
         shape = tuple(d[self.ref_key].shape[1:])
         moved = iter([int(v) for v in box] for box in clip_boxes(from_corners(corners), shape))
         d[self.box_key] = [next(moved) if p else None for p in d.pop(f"{self.box_key}_present")]
+        return d
+
+
+class BoxToCornersd(BoxListToCornersd):
+    """Package box (or None) -> MONAI ``(N, 6)`` half-open corners (N = 0 without a box): ``BoxListToCornersd`` on
+    a one-box list."""
+
+    def __init__(self, box_key: str = "box") -> None:
+        super().__init__(box_key)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d[self.box_key] = [d.get(self.box_key)]
+        return super().__call__(d)
+
+
+class CornersToBoxd(CornersToBoxListd):
+    """MONAI corners -> package box clipped into the image grid (None when there is no box)."""
+
+    def __init__(self, box_key: str = "box", ref_key: str = "image") -> None:
+        super().__init__(box_key, ref_key)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = super().__call__(data)
+        d[self.box_key] = d[self.box_key][0]
         return d
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..config import TrainConfig
 from ..families import ExperimentConfig, save_experiment_config
 from ..io_utils import normalize_permissions
 from ..models.precision import describe_saved_precision
-from .callbacks import ThroughputMeter
+from .callbacks import MetricsJsonlCallback, ProgressBarCallback, ThroughputMeter
 from .checkpoints import link_base_files
 from .losses import answer_logits_only, takes_logits_to_keep
 from .sampling import GradeBalancedSampler, VolumeGroupedSampler
@@ -237,3 +238,35 @@ class TrainResult:
     metrics: dict[str, float]
     model: Any
     """The trained model (a PeftModel when LoRA was used), for in-process use after training."""
+
+
+def build_trainer(exp: ExperimentConfig, args: TrainingArguments, callbacks: Sequence[Any] = (),
+                  **kwargs: Any) -> ReasonKneeTrainer:
+    """``ReasonKneeTrainer`` for ``exp`` writing ``metrics.jsonl`` and the progress bar, with ``config.yaml`` saved
+    in the output folder (main process); ``kwargs`` go to the Trainer (model, datasets, collator ...)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    out = Path(args.output_dir)
+    trainer = ReasonKneeTrainer(args=args, experiment=exp,
+                                callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks], **kwargs)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBarCallback())
+    if args.should_save:
+        save_experiment_config(exp, out / "config.yaml")
+    return trainer
+
+
+def save_final(trainer: ReasonKneeTrainer) -> Path:
+    """Save the trained model to ``<output_dir>/final`` whole or not at all; returns that folder.
+
+    Every rank calls ``save_model`` (sharded models gather there) into a staging folder; the main one swaps it in.
+    """
+    out = Path(trainer.args.output_dir)
+    final, staging = out / "final", out / ".final.tmp"
+    if trainer.args.should_save and staging.exists():
+        shutil.rmtree(staging)  # left by a run killed while saving; its files must not mix into this one
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    return final

@@ -17,8 +17,6 @@ A run writes, besides ``checkpoint-N/``, ``final/`` (the whole model), ``config.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -26,7 +24,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..io_utils import atomic_dir, normalize_permissions, write_jsonl
-from .hf_trainer import ReasonKneeTrainer, TrainResult, build_training_arguments
+from .hf_trainer import TrainResult, build_trainer, build_training_arguments, save_final
 from .pretrain_parts import PretrainParts
 
 logger = logging.getLogger(__name__)
@@ -50,11 +48,8 @@ def run_encoder_pretraining(exp: Any, callbacks: Sequence[Any] = ()) -> Any:
     Returns ``trainer.TrainResult`` (``final_dir`` is the encoder folder, ``model`` the trained stage model).
     """
     from transformers import set_seed
-    from transformers.trainer_callback import ProgressCallback
 
-    from ..families import save_experiment_config
     from ..models.reasonknee3d.encoders import build_encoder, init_encoder_from_files
-    from .callbacks import MetricsJsonlCallback, ProgressBarCallback
     from .checkpoints import resolve_resume
 
     train = exp.train
@@ -83,24 +78,13 @@ def run_encoder_pretraining(exp: Any, callbacks: Sequence[Any] = ()) -> Any:
                     "; ".join(f"{item} ({why})" for item, why in parts.skipped[:5])
                     + (" ..." if len(parts.skipped) > 5 else ""))
 
-    trainer = ReasonKneeTrainer(model=parts.model, args=args, train_dataset=parts.dataset,
-                                data_collator=parts.collator, experiment=exp,
-                                callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks])
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBarCallback())
-    if args.should_save:
-        save_experiment_config(exp, out / "config.yaml")
+    trainer = build_trainer(exp, args, callbacks, model=parts.model, train_dataset=parts.dataset,
+                            data_collator=parts.collator)
     output = trainer.train(resume_from_checkpoint=resume)
-
-    staging, final = out / ".final.tmp", out / "final"
-    if args.should_save and staging.exists():
-        shutil.rmtree(staging)  # left by a run killed while saving
-    trainer.save_model(str(staging))
+    save_final(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.eval()
     if args.should_save:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
         with atomic_dir(out / ENCODER_DIR) as tmp:
             model.encoder.save_pretrained(tmp)
         parts.save_extras(out, model)

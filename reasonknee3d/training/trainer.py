@@ -6,22 +6,18 @@ model. The encoder pretraining stages (``train.stage: region_grades | segmentati
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import replace
 from typing import Any, Sequence
 
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_callback import ProgressCallback
 
 from ..attention import select_attn_implementation
 from ..config import ENCODER_STAGES
-from ..families import ExperimentConfig, get_family, save_experiment_config
-from .callbacks import MetricsJsonlCallback, ProgressBarCallback
+from ..families import ExperimentConfig, get_family
 from .checkpoints import BASE_MODEL_DIR, atomic_dir, merge_checkpoint, resolve_resume
 # Re-exported: the names callers have imported from here.
 from .hf_trainer import (EXPERIMENT_FILE, NonFiniteTrainingError, ReasonKneeTrainer, TrainResult,  # noqa: F401
-                         build_training_arguments, use_bf16)
+                         build_trainer, build_training_arguments, save_final, use_bf16)
 from .losses import CoordinateSmoothedLoss
 from .sampling import grade_balance_weights
 from .stages import describe_trainable, setup_trainable, unwrap_base
@@ -78,27 +74,12 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     if exp.train.coord_label_sigma > 0:
         loss_func = CoordinateSmoothedLoss(family.coord_token_ids(unwrap_base(model), processor),
                                            exp.train.coord_label_sigma)
-    trainer = ReasonKneeTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=processor, experiment=exp, train_lengths=lengths, train_weights=weights,
-        compute_loss_func=loss_func,
-        base_model_dir=base_dir if uses_lora else None,
-        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks])
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBarCallback())
-    if args.should_save:
-        save_experiment_config(exp, out / "config.yaml")
-
+    trainer = build_trainer(
+        exp, args, callbacks, model=model, train_dataset=dataset, data_collator=collator,
+        processing_class=processor, train_lengths=lengths, train_weights=weights, compute_loss_func=loss_func,
+        base_model_dir=base_dir if uses_lora else None)
     output = trainer.train(resume_from_checkpoint=resume)
-    final_dir = out / "final"
-    # Every rank calls save_model (sharded models gather there); the main one swaps the folder in whole.
-    staging = out / ".final.tmp"
-    if args.should_save and staging.exists():
-        shutil.rmtree(staging)  # left by a run killed while saving; its files must not mix into this one
-    trainer.save_model(str(staging))
-    if args.should_save:
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(staging, final_dir)
+    final_dir = save_final(trainer)
     merged_dir = None
     if exp.train.merge and args.should_save:
         merged_dir = merge_checkpoint(final_dir, out / "merged", family.model_class)
