@@ -29,13 +29,15 @@ def test_wheel_installs_and_runs_the_quick_demo_outside_the_repository(tmp_path:
     py = venv / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "deps-from-test-runner.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Nothing of the runner's may be visible to pip: through PYTHONPATH or the dependency path below it would find
+    # the runner's own (editable) reasonknee3d and skip the wheel as already installed.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
-                   timeout=300)
+                   timeout=300, env=env)
+    Path(site, "deps-from-test-runner.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(REASONKNEE3D_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
     where = subprocess.run([str(py), "-c", "import reasonknee3d; print(reasonknee3d.__file__)"], cwd=work, env=env,
                            check=True, capture_output=True, text=True).stdout.strip()
