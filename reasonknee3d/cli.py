@@ -12,6 +12,8 @@ import typing
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from . import constants
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -339,6 +341,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_location_options(p)
     p.add_argument("--unconstrained", action="store_true",
                    help="plain greedy decoding (no box / severity logits processors)")
+    p.add_argument("--box-decoding", default="argmax", choices=constants.BOX_DECODINGS,
+                   help="constrained decoding: each box coordinate is the most probable bin (argmax) or the median "
+                        "bin of the model's distribution (median)")
     p.add_argument("--boxes", default=None, metavar="reference|P.jsonl",
                    help="a region_grades --model (the direct 3D classifier) grades in these boxes: the release's "
                         "(reference, the default) or those of another model's predictions file")
@@ -355,7 +360,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         else:
             res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
                           constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
-                          cache_dir=a.cache_dir)
+                          cache_dir=a.cache_dir, box_decoding=a.box_decoding)
         print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
               f"-> {res.out}")
         if getattr(res, "box_sources", None):

@@ -41,3 +41,9 @@ NULL_FIELD_KEY = "grade"
 
 # Version of the scoring spec implemented by reasonknee3d.evaluation.
 BENCH_VERSION = "1.0"
+
+BOX_DECODINGS = ("argmax", "median")
+"""How a generated box coordinate is chosen among the bins the box still allows: ``argmax`` leaves it to the
+decoding strategy (greedy: the most probable bin); ``median`` forces the median bin of the model's distribution.
+Coordinates are ordinal: when that distribution is broad, its mode jumps between distant bins from one volume to
+the next while its median, the choice with the least expected absolute error in bins, stays near its centre."""

@@ -28,12 +28,13 @@ def to_device(obj: Any, device: torch.device) -> Any:
 @torch.no_grad()
 def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, Any], question_ids: Sequence[int],
                      orig_shapes: Sequence[Sequence[int]], require_box: Sequence[bool] | bool = True,
-                     constrained: bool = True, max_new_tokens: int = 512,
+                     constrained: bool = True, max_new_tokens: int = 512, box_decoding: str = "argmax",
                      decode: Optional[Callable[[torch.Tensor], list[str]]] = None) -> list[str]:
     """Answer texts for one left-padded generation batch.
 
     ``constrained`` adds the box and severity logits processors (``models.generation``), so every answer of a
-    trained model parses; zero-shot models, which never saw the box tokens, decode unconstrained. The generated
+    trained model parses (``box_decoding``: how the box's coordinates are chosen, ``generation.BOX_DECODINGS``);
+    zero-shot models, which never saw the box tokens, decode unconstrained. The generated
     ids (prompt removed) become text through ``family.decode`` (boxes back in each volume's voxels), or through
     ``decode`` when given (then ``family`` may be None for an unconstrained run).
     """
@@ -42,7 +43,8 @@ def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, A
     if constrained:
         from ..models.generation import constrained_logits_processors
         processors = constrained_logits_processors(tokenizer, list(question_ids), max_new_tokens,
-                                                   num_bins=family.num_bins(model), require_box=require_box)
+                                                   num_bins=family.num_bins(model), require_box=require_box,
+                                                   box_decoding=box_decoding)
     batch = to_device(batch, next(model.parameters()).device)
     generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                logits_processor=processors, pad_token_id=tokenizer.pad_token_id)

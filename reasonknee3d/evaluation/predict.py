@@ -151,12 +151,13 @@ def skipped_summary(skipped: Sequence[Skipped], examples: int = 3) -> list[str]:
 def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
             batch_size: int = 4, limit: Optional[int] = None, constrained: bool = True, max_new_tokens: int = 512,
             attn_implementation: str = "auto", num_workers: int = 0, images: Optional[str | os.PathLike] = None,
-            cache_dir: Optional[str | os.PathLike] = None) -> PredictResult:
+            cache_dir: Optional[str | os.PathLike] = None, box_decoding: str = "argmax") -> PredictResult:
     """Generate an answer for each sample of ``split`` (the first ``limit`` ones) and append them to ``out``.
 
     Rows are ``{"sample_id", "question_id", "output"}`` (the scorer's prediction format; ``output`` holds
     boxes as voxel indices of each original volume). ``images``: where volumes are found by name when the
-    release's written paths do not exist; ``cache_dir``: the cache root (default ``<data_dir>/cache``).
+    release's written paths do not exist; ``cache_dir``: the cache root (default ``<data_dir>/cache``);
+    ``box_decoding``: how constrained decoding picks box coordinates (``models.generation.BOX_DECODINGS``).
     """
     from ..data.release import cache_root
     from ..families import family_of_model_dir
@@ -193,7 +194,8 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
                 continue
             texts = generate_answers(model, processor, family, batch, [info.question_id for info in infos],
                                      [info.orig_shape for info in infos], [info.has_box for info in infos],
-                                     constrained=constrained, max_new_tokens=max_new_tokens)
+                                     constrained=constrained, max_new_tokens=max_new_tokens,
+                                     box_decoding=box_decoding)
             # Boxes of volumes the model saw mirrored (canonical_side) go back to the stored volume's voxels.
             texts = [mirror_text_boxes(t, info.orig_shape) if info.mirrored else t for t, info in zip(texts, infos)]
             for info, text in zip(infos, texts):

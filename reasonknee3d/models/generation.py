@@ -5,7 +5,8 @@ tokenizer and one question id per batch row), so the slice baseline and the 3D m
 
 - ``BoxLogitsProcessor``: outside a box, coordinate tokens and ``<|box_end|>`` are banned; after
   ``<|box_start|>`` only coordinate tokens for six steps, each max bin >= its min bin (steps 2, 4, 6),
-  then ``<|box_end|>`` is forced.
+  then ``<|box_end|>`` is forced. ``decoding="median"`` makes each coordinate the median bin of the model's
+  distribution over the allowed bins instead of its most probable one (``BOX_DECODINGS``).
 - ``SeverityJSONLogitsProcessor``: the end-of-answer tokens are banned until the answer's tail is forced
   from a template ``Final diagnosis: {"<finding>": {"<field>": G, ...}}`` + ``<|im_end|>``, where each G
   is one token among the field's allowed grades. The tail starts when the model has written
@@ -25,11 +26,13 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..constants import BOX_END, BOX_START, COORD_TOKEN_FORMAT, DIAGNOSIS_PREFIX, ENDOFTEXT, IM_END, LOCATION_PREFIX
+from ..constants import (BOX_DECODINGS, BOX_END, BOX_START, COORD_TOKEN_FORMAT, DIAGNOSIS_PREFIX, ENDOFTEXT, IM_END,
+                         LOCATION_PREFIX)
 from ..schema import QuestionSpec, get_question
 
 # Tokens a box needs after <|box_start|>: six coordinates and <|box_end|>.
 _BOX_TAIL = 7
+
 
 
 class _PromptTracker:
@@ -64,10 +67,14 @@ def _open_box_length(generated: list[int], box_start_id: int, box_end_id: int) -
 class BoxLogitsProcessor(LogitsProcessor, _PromptTracker):
     """Every generated box is ``<|box_start|>`` + six ordered coordinate tokens + ``<|box_end|>``."""
 
-    def __init__(self, box_start_id: int, box_end_id: int, coord_token_ids: Sequence[int]) -> None:
+    def __init__(self, box_start_id: int, box_end_id: int, coord_token_ids: Sequence[int],
+                 decoding: str = "argmax") -> None:
         _PromptTracker.__init__(self)
         if len(coord_token_ids) < 2:
             raise ValueError(f"need at least 2 coordinate token ids (one per bin), got {len(coord_token_ids)}")
+        if decoding not in BOX_DECODINGS:
+            raise ValueError(f"box decoding must be one of {BOX_DECODINGS}, got {decoding!r}")
+        self.decoding = decoding
         self.box_start_id, self.box_end_id = int(box_start_id), int(box_end_id)
         self.coord_ids = torch.as_tensor(list(coord_token_ids), dtype=torch.long)
         self.bin_of = {int(t): k for k, t in enumerate(coord_token_ids)}
@@ -85,6 +92,10 @@ class BoxLogitsProcessor(LogitsProcessor, _PromptTracker):
                 # Odd steps choose an axis max: it may not fall below the min bin just emitted.
                 low = self.bin_of[int(input_ids[row, -1])] if k % 2 else 0
                 allowed = coords[low:]
+                if self.decoding == "median":
+                    cdf = torch.softmax(scores[row, allowed].float(), dim=-1).cumsum(0)
+                    allowed = allowed[int(torch.searchsorted(cdf, cdf.new_tensor(0.5)).clamp(max=len(allowed) - 1))
+                                      ].reshape(1)
             else:
                 allowed = torch.tensor([self.box_end_id], device=scores.device)
             _keep_only(scores, row, allowed)
@@ -209,9 +220,11 @@ class SeverityJSONLogitsProcessor(LogitsProcessor, _PromptTracker):
 
 def constrained_logits_processors(tokenizer: Any, question_ids: Sequence[int], max_new_tokens: int,
                                   num_bins: Optional[int] = None, severity: bool = True,
-                                  require_box: bool | Sequence[bool] = False) -> LogitsProcessorList:
+                                  require_box: bool | Sequence[bool] = False,
+                                  box_decoding: str = "argmax") -> LogitsProcessorList:
     """The processors for one ``generate`` call: boxes (when the tokenizer has ``num_bins`` coordinate
-    tokens) and, if ``severity``, the schema-constrained diagnosis tail."""
+    tokens; coordinates chosen as ``box_decoding`` says) and, if ``severity``, the schema-constrained diagnosis
+    tail."""
     out = LogitsProcessorList()
     coord_ids = None
     if num_bins is not None:
@@ -219,7 +232,7 @@ def constrained_logits_processors(tokenizer: Any, question_ids: Sequence[int], m
         coord_ids = [tid(COORD_TOKEN_FORMAT.format(k)) for k in range(num_bins)]
         if any(i is None or i == tokenizer.unk_token_id for i in coord_ids):
             raise ValueError(f"tokenizer lacks coordinate tokens for num_bins={num_bins} (tokens.add_box_tokens)")
-        out.append(BoxLogitsProcessor(tid(BOX_START), tid(BOX_END), coord_ids))
+        out.append(BoxLogitsProcessor(tid(BOX_START), tid(BOX_END), coord_ids, box_decoding))
     if severity:
         out.append(SeverityJSONLogitsProcessor(tokenizer, question_ids, max_new_tokens, require_box, coord_ids))
     return out

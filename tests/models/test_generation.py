@@ -62,6 +62,29 @@ def test_box_processor_only_produces_well_formed_boxes():
     assert total >= 20
 
 
+def test_median_box_decoding_forces_the_median_allowed_bin():
+    proc = BoxLogitsProcessor(BOX_S, BOX_E, COORDS, decoding="median")
+    # A bimodal distribution over the 16 bins: bin 2 is the mode (0.4) but bins 9..12 together hold 0.6.
+    probs = torch.full((16,), 1e-6)
+    probs[2], probs[9:13] = 0.4, 0.15
+    scores = torch.full((1, 64), -1e9)
+    scores[0, COORDS] = probs.log()
+    proc(torch.tensor([[30]]), scores.clone())  # the prompt; the box starts in the generated tokens
+    out = proc(torch.tensor([[30, BOX_S]]), scores.clone())
+    assert torch.isfinite(out[0]).sum() == 1 and out[0].argmax() == COORDS[9]  # cdf: 0.4, ... 0.55 at bin 9
+    torch.testing.assert_close(out[0, COORDS[9]], scores[0, COORDS[9]])
+    # A max coordinate: the median of the distribution left over bins >= the min just written (bin 10 here).
+    out = proc(torch.tensor([[30, BOX_S, COORDS[10]]]), scores.clone())
+    assert out[0].argmax() == COORDS[11]  # bins 10, 11, 12 hold a third each: the cdf passes 0.5 at bin 11
+    # argmax decoding leaves the model's scores of every allowed bin as they were.
+    plain_proc = BoxLogitsProcessor(BOX_S, BOX_E, COORDS)
+    plain_proc(torch.tensor([[30]]), scores.clone())
+    plain = plain_proc(torch.tensor([[30, BOX_S]]), scores.clone())
+    assert torch.isfinite(plain[0]).sum() == 16 and plain[0].argmax() == COORDS[2]
+    with pytest.raises(ValueError, match="box decoding must be one of"):
+        BoxLogitsProcessor(BOX_S, BOX_E, COORDS, decoding="mean")
+
+
 def test_box_processor_ignores_prompt_boxes_and_restarts_per_call():
     proc = BoxLogitsProcessor(BOX_S, BOX_E, COORDS)
     prompt = torch.tensor([[30, BOX_S, 12, 13]])  # an unfinished box in the prompt is not ours to finish
