@@ -328,6 +328,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_box_decoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--box-decoding", default=constants.DEFAULT_BOX_DECODING, choices=constants.BOX_DECODINGS,
+                   help="constrained decoding: each box coordinate is the median bin of the model's distribution "
+                        "(median) or its most probable bin (argmax)")
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="batched generation with a trained model -> predictions JSONL (resumable)")
     p.add_argument("--model", type=Path, required=True, help="model folder (checkpoint-N, final, merged or init), or a region_grades output folder")
@@ -341,9 +347,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_location_options(p)
     p.add_argument("--unconstrained", action="store_true",
                    help="plain greedy decoding (no box / severity logits processors)")
-    p.add_argument("--box-decoding", default="argmax", choices=constants.BOX_DECODINGS,
-                   help="constrained decoding: each box coordinate is the most probable bin (argmax) or the median "
-                        "bin of the model's distribution (median)")
+    _add_box_decoding(p)
     p.add_argument("--boxes", default=None, metavar="reference|P.jsonl",
                    help="a region_grades --model (the direct 3D classifier) grades in these boxes: the release's "
                         "(reference, the default) or those of another model's predictions file")
@@ -386,6 +390,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--png", type=png_path, default=None, help="write the three-slice overlay picture here")
     p.add_argument("--prompt", default=None, help="prompt text (default: the project's question wording)")
     p.add_argument("--unconstrained", action="store_true", help="plain greedy decoding, no box/JSON constraints")
+    _add_box_decoding(p)
     p.add_argument("--knee-side", choices=("left", "right"), default=None,
                    help="knee side, for models trained with data.canonical_side when the file name does not end "
                         "in _left/_right")
@@ -393,7 +398,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         from .evaluation.infer import infer
         r = infer(a.model, a.volume, a.question_id, gt_box=a.box, png=a.png, prompt=a.prompt,
-                  constrained=not a.unconstrained, knee_side=a.knee_side)
+                  constrained=not a.unconstrained, knee_side=a.knee_side, box_decoding=a.box_decoding)
         print(r.text)
         print(f"\nbox: {r.box}\nseverity: {r.severity}" + (f"\npicture: {r.png}" if r.png else ""))
         return 0

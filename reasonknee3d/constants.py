@@ -43,6 +43,7 @@ NULL_FIELD_KEY = "grade"
 BENCH_VERSION = "1.0"
 
 BOX_DECODINGS = ("argmax", "median")
+DEFAULT_BOX_DECODING = "argmax"
 """How a generated box coordinate is chosen among the bins the box still allows: ``argmax`` leaves it to the
 decoding strategy (greedy: the most probable bin); ``median`` forces the median bin of the model's distribution.
 Coordinates are ordinal: when that distribution is broad, its mode jumps between distant bins from one volume to

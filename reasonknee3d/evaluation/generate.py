@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from transformers.utils import ModelOutput
 
+from ..constants import DEFAULT_BOX_DECODING
+
 
 def to_device(obj: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to ``device``; ModelOutputs and tuples keep their type."""
@@ -28,7 +30,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
 @torch.no_grad()
 def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, Any], question_ids: Sequence[int],
                      orig_shapes: Sequence[Sequence[int]], require_box: Sequence[bool] | bool = True,
-                     constrained: bool = True, max_new_tokens: int = 512, box_decoding: str = "argmax",
+                     constrained: bool = True, max_new_tokens: int = 512, box_decoding: str = DEFAULT_BOX_DECODING,
                      decode: Optional[Callable[[torch.Tensor], list[str]]] = None) -> list[str]:
     """Answer texts for one left-padded generation batch.
 

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..constants import DEFAULT_BOX_DECODING
+
 
 @dataclass
 class InferResult:
@@ -26,11 +28,12 @@ class InferResult:
 def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: int,
           gt_box: Optional[Sequence[int]] = None, png: Optional[str | os.PathLike] = None,
           prompt: Optional[str] = None, constrained: bool = True, max_new_tokens: int = 512,
-          knee_side: Optional[str] = None) -> InferResult:
+          knee_side: Optional[str] = None, box_decoding: str = DEFAULT_BOX_DECODING) -> InferResult:
     """Answer question ``question_id`` about the NIfTI ``volume`` with the model in ``model_dir``.
 
     ``knee_side`` ('left' / 'right') is needed only when the model was trained with a ``canonical_side`` and the
     file name does not end in ``_left`` / ``_right``; boxes come back in the stored volume's voxels.
+    ``box_decoding``: how constrained decoding picks box coordinates (``constants.BOX_DECODINGS``).
     """
     from ..attention import select_attn_implementation
     from ..boxes import mirror_text_boxes
@@ -55,7 +58,7 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     model.eval()
     batch, mirrored = family.file_batch(model, processor, volume, prompt or question_prompt(spec), knee_side)
     text = generate_answers(model, processor, family, batch, [question_id], [meta.shape], True,
-                            constrained=constrained, max_new_tokens=max_new_tokens)[0]
+                            constrained=constrained, max_new_tokens=max_new_tokens, box_decoding=box_decoding)[0]
     # An untrained or briefly trained model can pad lines with runs of spaces; they carry nothing.
     text = "\n".join(line.rstrip() for line in text.strip().splitlines())
     if mirrored:  # the model saw this knee in the canonical side's frame

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..attention import select_attn_implementation
 from ..boxes import mirror_text_boxes
+from ..constants import DEFAULT_BOX_DECODING
 from ..data.release import Skipped, write_skipped
 from .generate import generate_answers
 from .predictions_io import PredictionWriter
@@ -151,7 +152,7 @@ def skipped_summary(skipped: Sequence[Skipped], examples: int = 3) -> list[str]:
 def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
             batch_size: int = 4, limit: Optional[int] = None, constrained: bool = True, max_new_tokens: int = 512,
             attn_implementation: str = "auto", num_workers: int = 0, images: Optional[str | os.PathLike] = None,
-            cache_dir: Optional[str | os.PathLike] = None, box_decoding: str = "argmax") -> PredictResult:
+            cache_dir: Optional[str | os.PathLike] = None, box_decoding: str = DEFAULT_BOX_DECODING) -> PredictResult:
     """Generate an answer for each sample of ``split`` (the first ``limit`` ones) and append them to ``out``.
 
     Rows are ``{"sample_id", "question_id", "output"}`` (the scorer's prediction format; ``output`` holds

@@ -26,8 +26,8 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..constants import (BOX_DECODINGS, BOX_END, BOX_START, COORD_TOKEN_FORMAT, DIAGNOSIS_PREFIX, ENDOFTEXT, IM_END,
-                         LOCATION_PREFIX)
+from ..constants import (BOX_DECODINGS, BOX_END, BOX_START, COORD_TOKEN_FORMAT, DEFAULT_BOX_DECODING, DIAGNOSIS_PREFIX,
+                         ENDOFTEXT, IM_END, LOCATION_PREFIX)
 from ..schema import QuestionSpec, get_question
 
 # Tokens a box needs after <|box_start|>: six coordinates and <|box_end|>.
@@ -68,7 +68,7 @@ class BoxLogitsProcessor(LogitsProcessor, _PromptTracker):
     """Every generated box is ``<|box_start|>`` + six ordered coordinate tokens + ``<|box_end|>``."""
 
     def __init__(self, box_start_id: int, box_end_id: int, coord_token_ids: Sequence[int],
-                 decoding: str = "argmax") -> None:
+                 decoding: str = DEFAULT_BOX_DECODING) -> None:
         _PromptTracker.__init__(self)
         if len(coord_token_ids) < 2:
             raise ValueError(f"need at least 2 coordinate token ids (one per bin), got {len(coord_token_ids)}")
@@ -221,7 +221,7 @@ class SeverityJSONLogitsProcessor(LogitsProcessor, _PromptTracker):
 def constrained_logits_processors(tokenizer: Any, question_ids: Sequence[int], max_new_tokens: int,
                                   num_bins: Optional[int] = None, severity: bool = True,
                                   require_box: bool | Sequence[bool] = False,
-                                  box_decoding: str = "argmax") -> LogitsProcessorList:
+                                  box_decoding: str = DEFAULT_BOX_DECODING) -> LogitsProcessorList:
     """The processors for one ``generate`` call: boxes (when the tokenizer has ``num_bins`` coordinate
     tokens; coordinates chosen as ``box_decoding`` says) and, if ``severity``, the schema-constrained diagnosis
     tail."""
