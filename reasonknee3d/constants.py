@@ -42,9 +42,11 @@ NULL_FIELD_KEY = "grade"
 # Version of the scoring spec implemented by reasonknee3d.evaluation.
 BENCH_VERSION = "1.0"
 
-BOX_DECODINGS = ("argmax", "median")
-DEFAULT_BOX_DECODING = "argmax"
-"""How a generated box coordinate is chosen among the bins the box still allows: ``argmax`` leaves it to the
-decoding strategy (greedy: the most probable bin); ``median`` forces the median bin of the model's distribution.
+BOX_DECODINGS = ("median", "argmax")
+"""How a generated box coordinate is chosen among the bins the box still allows: ``median`` forces the median bin
+of the model's distribution; ``argmax`` leaves it to the decoding strategy (greedy: the most probable bin).
 Coordinates are ordinal: when that distribution is broad, its mode jumps between distant bins from one volume to
 the next while its median, the choice with the least expected absolute error in bins, stays near its centre."""
+DEFAULT_BOX_DECODING = "median"
+"""What ``predict``, ``infer`` and ``answer_question`` use unless told otherwise: on the demo's tiny 3D-native
+model the median raised mean IoU from 0.279 to 0.301 (docs/results.md, "Median box decoding")."""

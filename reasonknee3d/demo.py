@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .constants import DEFAULT_BOX_DECODING
 from .io_utils import write_json, write_text
 
 TABLE_METRICS = ("diag_exact", "balanced_acc", "qwk", "miou", "acc_iou50", "parse_fail_severity", "parse_fail_box")
@@ -60,6 +61,8 @@ class DemoSettings:
     pretrain_class_balance: float = 1.0
     """``train.pretrain.class_balance`` of the pretraining: 1 weighs every grade of a head equally, what balanced
     accuracy rewards."""
+    box_decoding: str = DEFAULT_BOX_DECODING
+    """How both families' constrained decoding picks box coordinates (``constants.BOX_DECODINGS``)."""
 
 
 CLASSIFIER_ROWS = {"3d_classifier": "predictions_3d.jsonl", "3d_classifier_reference_boxes": "reference"}
@@ -350,7 +353,7 @@ def _run_demo(out: Path, quick: bool, settings: Optional[DemoSettings], overwrit
         t0 = time.perf_counter()
         preds = out / f"predictions_{row}.jsonl"
         pred = predict(models[row], release, "test", preds, batch_size=16, limit=s.test_limit,
-                       max_new_tokens=s.max_new_tokens)
+                       max_new_tokens=s.max_new_tokens, box_decoding=s.box_decoding)
         if pred.skipped:
             raise RuntimeError(f"predict skipped {len(pred.skipped)} test samples of the {row} model: see "
                                f"{pred.skipped_path}")
@@ -388,7 +391,7 @@ def _run_demo(out: Path, quick: bool, settings: Optional[DemoSettings], overwrit
     for r in picked[: s.pictures]:
         smp = by_id[r["sample_id"]]
         pictures.append(infer(models["3d"], smp.image_path, smp.question_id, gt_box=smp.box,
-                              max_new_tokens=s.max_new_tokens,
+                              max_new_tokens=s.max_new_tokens, box_decoding=s.box_decoding,
                               png=out / "pictures" / f"infer_3d_q{smp.question_id}.png").png)
     _print_table(table, smoke)
     step("done")

@@ -5,8 +5,9 @@ tokenizer and one question id per batch row), so the slice baseline and the 3D m
 
 - ``BoxLogitsProcessor``: outside a box, coordinate tokens and ``<|box_end|>`` are banned; after
   ``<|box_start|>`` only coordinate tokens for six steps, each max bin >= its min bin (steps 2, 4, 6),
-  then ``<|box_end|>`` is forced. ``decoding="median"`` makes each coordinate the median bin of the model's
-  distribution over the allowed bins instead of its most probable one (``BOX_DECODINGS``).
+  then ``<|box_end|>`` is forced. Each coordinate is the median bin of the model's distribution over the
+  allowed bins (``decoding="median"``, the default) or left to the decoding strategy (``"argmax"``:
+  greedy takes the most probable bin); ``constants.BOX_DECODINGS``.
 - ``SeverityJSONLogitsProcessor``: the end-of-answer tokens are banned until the answer's tail is forced
   from a template ``Final diagnosis: {"<finding>": {"<field>": G, ...}}`` + ``<|im_end|>``, where each G
   is one token among the field's allowed grades. The tail starts when the model has written

@@ -77,7 +77,7 @@ def test_median_box_decoding_forces_the_median_allowed_bin():
     out = proc(torch.tensor([[30, BOX_S, COORDS[10]]]), scores.clone())
     assert out[0].argmax() == COORDS[11]  # bins 10, 11, 12 hold a third each: the cdf passes 0.5 at bin 11
     # argmax decoding leaves the model's scores of every allowed bin as they were.
-    plain_proc = BoxLogitsProcessor(BOX_S, BOX_E, COORDS)
+    plain_proc = BoxLogitsProcessor(BOX_S, BOX_E, COORDS, decoding="argmax")
     plain_proc(torch.tensor([[30]]), scores.clone())
     plain = plain_proc(torch.tensor([[30, BOX_S]]), scores.clone())
     assert torch.isfinite(plain[0]).sum() == 16 and plain[0].argmax() == COORDS[2]
