@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..attention import select_attn_implementation
 from ..boxes import mirror_text_boxes
-from ..constants import DEFAULT_BOX_DECODING
+from ..constants import BOX_DECODINGS, DEFAULT_BOX_DECODING
 from ..data.release import Skipped, write_skipped
 from .generate import generate_answers
 from .predictions_io import PredictionWriter
@@ -166,6 +166,8 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 0):
         raise ValueError(f"batch_size {batch_size} and max_new_tokens {max_new_tokens} must be >= 1, limit >= 0 "
                          f"(got {limit})")
+    if box_decoding not in BOX_DECODINGS:
+        raise ValueError(f"box_decoding must be one of {BOX_DECODINGS}, got {box_decoding!r}")
     start = time.perf_counter()
     family = family_of_model_dir(model_dir)
     model, processor = family.load(model_dir, select_attn_implementation(attn_implementation))

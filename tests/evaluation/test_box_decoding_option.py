@@ -42,3 +42,10 @@ def test_an_unknown_box_decoding_is_refused(tmp_path: Path, capsys) -> None:
     assert cli.main(["predict", "--model", str(tmp_path), "--data", str(tmp_path), "--out",
                      str(tmp_path / "p.jsonl"), "--box-decoding", "mean"]) == 2
     assert "argument --box-decoding: invalid choice: 'mean'" in capsys.readouterr().err
+
+
+def test_predict_refuses_an_unknown_box_decoding_before_loading_anything(tmp_path: Path) -> None:
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(ValueError, match=r"box_decoding must be one of \('median', 'argmax'\), got 'mean'"):
+        predict_module.predict(tmp_path / "no-model", tmp_path, "test", out, box_decoding="mean")
+    assert not out.exists()
