@@ -35,7 +35,7 @@ def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, A
     """Answer texts for one left-padded generation batch.
 
     ``constrained`` adds the box and severity logits processors (``models.generation``), so every answer of a
-    trained model parses (``box_decoding``: how the box's coordinates are chosen, ``generation.BOX_DECODINGS``);
+    trained model parses (``box_decoding``: how the box's coordinates are chosen, ``constants.BOX_DECODINGS``);
     zero-shot models, which never saw the box tokens, decode unconstrained. The generated
     ids (prompt removed) become text through ``family.decode`` (boxes back in each volume's voxels), or through
     ``decode`` when given (then ``family`` may be None for an unconstrained run).

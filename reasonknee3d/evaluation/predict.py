@@ -158,7 +158,7 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
     Rows are ``{"sample_id", "question_id", "output"}`` (the scorer's prediction format; ``output`` holds
     boxes as voxel indices of each original volume). ``images``: where volumes are found by name when the
     release's written paths do not exist; ``cache_dir``: the cache root (default ``<data_dir>/cache``);
-    ``box_decoding``: how constrained decoding picks box coordinates (``models.generation.BOX_DECODINGS``).
+    ``box_decoding``: how constrained decoding picks box coordinates (``constants.BOX_DECODINGS``).
     """
     from ..data.release import cache_root
     from ..families import family_of_model_dir
