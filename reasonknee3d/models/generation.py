@@ -35,7 +35,6 @@ from ..schema import QuestionSpec, get_question
 _BOX_TAIL = 7
 
 
-
 class _PromptTracker:
     """Remembers where generation started within one ``generate`` call."""
 
