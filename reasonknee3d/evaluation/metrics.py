@@ -8,7 +8,7 @@ missing box). Every function is vectorized; ``summarize`` computes the whole met
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -131,6 +131,8 @@ class ScoreArrays:
     """(N,) bool"""
     box_found: np.ndarray
     """(N,) bool"""
+    box_pred: Optional[np.ndarray] = None
+    """(N, 6) predicted boxes (zeros where ``box_found`` is False); only ``box_axis_errors`` reads them"""
 
 
 def summarize(a: ScoreArrays, ref_mask: Optional[np.ndarray] = None) -> tuple[dict, dict]:
@@ -173,6 +175,53 @@ def summarize(a: ScoreArrays, ref_mask: Optional[np.ndarray] = None) -> tuple[di
         "parse_fail_box": (n_box, box_fail),
     }
     return values, {k: {"n": n, "parse_failures": f} for k, (n, f) in support.items()}
+
+
+# --- box errors per axis ---------------------------------------------------------------------------
+
+BOX_AXIS_ERRORS = ("centre_abs_error", "centre_bias", "extent_bias", "tracking", "spread_ratio")
+"""What ``box_axis_errors`` reports per array axis, in report order."""
+
+
+def box_axis_errors(true: np.ndarray, pred: np.ndarray, question_ids: np.ndarray,
+                    axis_names: Sequence[str]) -> dict:
+    """Where box errors come from, per array axis, over ``(N, 6)`` inclusive boxes ``[a0_min, a0_max, ...]``.
+
+    IoU multiplies the three axes, so it cannot say which axis is off. Per axis (voxels, prediction minus
+    reference): ``centre_abs_error`` and ``centre_bias`` (mean absolute and mean signed error of the box centre),
+    ``extent_bias`` (mean signed error of the extent ``max - min + 1``). The other two ask whether the boxes
+    follow each volume's anatomy rather than sit where that question's box usually is: within each question
+    type (``question_ids``), the centres' deviations from that question's mean are compared across volumes.
+    ``tracking`` is the correlation of predicted and reference deviations pooled over question types (1: the
+    boxes move with the anatomy; 0: they do not; None where either side never moves, as for a fixed box per
+    question); ``spread_ratio`` is the predicted deviations' mean absolute value over the reference deviations' (near 0:
+    one box per question whatever the volume; a mean rather than an RMS, so one stray box does not dominate). Returns ``{"n": N, axis name: {quantity: float or None}}``.
+    """
+    true, pred = np.asarray(true, dtype=np.float64).reshape(-1, 6), np.asarray(pred, dtype=np.float64).reshape(-1, 6)
+    qid = np.asarray(question_ids)
+    out: dict = {"n": int(len(true))}
+    if len(true) == 0:
+        return {**out, **{name: dict.fromkeys(BOX_AXIS_ERRORS) for name in axis_names}}
+    _, q = np.unique(qid, return_inverse=True)
+    count = np.bincount(q).astype(np.float64)
+
+    def deviations(x: np.ndarray) -> np.ndarray:  # from the mean of the same question type
+        return x - (np.bincount(q, weights=x) / count)[q]
+
+    for axis, name in enumerate(axis_names):
+        lo, hi = 2 * axis, 2 * axis + 1
+        c_true, c_pred = (true[:, lo] + true[:, hi]) / 2, (pred[:, lo] + pred[:, hi]) / 2
+        d_true, d_pred = deviations(c_true), deviations(c_pred)
+        ss_true, ss_pred = float(d_true @ d_true), float(d_pred @ d_pred)
+        mad_true = float(np.abs(d_true).mean())
+        out[name] = {
+            "centre_abs_error": float(np.abs(c_pred - c_true).mean()),
+            "centre_bias": float((c_pred - c_true).mean()),
+            "extent_bias": float(((pred[:, hi] - pred[:, lo]) - (true[:, hi] - true[:, lo])).mean()),
+            "tracking": float(d_true @ d_pred / np.sqrt(ss_true * ss_pred)) if ss_true > 0 and ss_pred > 0 else None,
+            "spread_ratio": float(np.abs(d_pred).mean() / mad_true) if mad_true > 0 else None,
+        }
+    return out
 
 
 # --- majority baseline ------------------------------------------------------------------------------

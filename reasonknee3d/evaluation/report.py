@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 from ..io_utils import atomic_open, atomic_path, write_json, write_text
-from .metrics import METRICS
+from .metrics import BOX_AXIS_ERRORS, METRICS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -79,6 +79,7 @@ def render_markdown(report: dict, plot_files: Sequence[str] = ()) -> str:
         rows = [[name, str(vals["n"]), *(f"{_fmt(vals[m])} ({_fmt(maj[name][m])})" for m in _ACCURACIES),
                  _fmt(vals["parse_fail_severity"])] for name, vals in report[key].items()]
         lines += _table([title, "n", *_ACCURACIES, "parse_fail_severity"], rows)
+    lines += _box_error_lines(report.get("box_errors"))
     if report["confusion"]:
         lines += ["", "## Confusion matrices (fields graded 0-3; rows: reference grade, columns: prediction)", ""]
         for family, cm in report["confusion"].items():
@@ -89,6 +90,22 @@ def render_markdown(report: dict, plot_files: Sequence[str] = ()) -> str:
     if plot_files:
         lines += ["", "## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in plot_files]
     return "\n".join(lines) + "\n"
+
+
+def _box_error_lines(errors: Optional[dict]) -> list[str]:
+    """report.md's per-axis box error table (``metrics.box_axis_errors``), each cell "model (majority)"."""
+    if not errors or not errors["model"]["n"]:
+        return []
+    model, majority = errors["model"], errors["majority_baseline"]
+    axes = [k for k in model if k != "n"]
+    rows = [[axis, *(f"{_fmt(model[axis][q])} ({_fmt(majority.get(axis, {}).get(q))})" for q in BOX_AXIS_ERRORS)]
+            for axis in axes]
+    return ["", "## Box errors per axis", "",
+            f"Voxels, prediction minus reference, over the {model['n']} references answered with a box; each cell: "
+            "model (majority baseline). tracking: correlation, within each question type, of predicted and "
+            "reference box centres across volumes (does the box follow the anatomy); spread_ratio: how far the "
+            "predicted centres move between volumes relative to the reference centres (0: one box per question).",
+            "", *_table(["axis", *BOX_AXIS_ERRORS], rows)]
 
 
 def write_per_sample(path: str | os.PathLike, rows: list[dict]) -> None:

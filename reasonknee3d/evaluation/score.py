@@ -21,9 +21,10 @@ import numpy as np
 
 from ..answer import check_severity
 from ..boxes import iou_3d, repair_boxes, validate_box
-from ..constants import BENCH_VERSION
+from ..constants import AXIS_NAMES, BENCH_VERSION
 from ..schema import load_schema
-from .metrics import MISSING, ScoreArrays, confusion_matrix, majority_boxes, majority_grades, summarize
+from .metrics import (MISSING, ScoreArrays, box_axis_errors, confusion_matrix, majority_boxes, majority_grades,
+                      summarize)
 from ..parsing import ParsedOutput, parse_outputs
 
 MAX_ISSUES_LISTED = 50
@@ -345,7 +346,7 @@ def _model_arrays(parsed: Sequence[ParsedOutput], truth: tuple[np.ndarray, ...],
     box_pred, box_found = _box_array([p.box for p in parsed])
     return ScoreArrays(pair_ref, idx.field_group[pair_field], pair_true, pair_pred, idx.field_ordinal[pair_field],
                        has_box, _ious(box_true, box_pred, has_box & box_found),
-                       np.array([p.severity_found for p in parsed], dtype=bool), box_found)
+                       np.array([p.severity_found for p in parsed], dtype=bool), box_found, box_pred)
 
 
 def _majority_arrays(source: Optional[Sequence[Reference]], model: ScoreArrays, pair_field: np.ndarray,
@@ -369,7 +370,13 @@ def _majority_arrays(source: Optional[Sequence[Reference]], model: ScoreArrays, 
     box_found = has_q[qid]
     return ScoreArrays(model.pair_ref, model.pair_group, model.pair_true, pair_pred, model.pair_ordinal,
                        model.has_box, _ious(box_true, box_of_q[qid], model.has_box & box_found), sev_found,
-                       box_found)
+                       box_found, box_of_q[qid])
+
+
+def _box_errors(a: ScoreArrays, box_true: np.ndarray, qid: np.ndarray) -> dict:
+    """``metrics.box_axis_errors`` over the references with a box that ``a`` answered with one."""
+    both = a.has_box & a.box_found
+    return box_axis_errors(box_true[both], a.box_pred[both], qid[both], AXIS_NAMES)
 
 
 def _confusion(model: ScoreArrays, idx: _SchemaIndex) -> dict[str, dict]:
@@ -439,6 +446,8 @@ def score_predictions(outputs: Mapping[str, Optional[str]], references: Sequence
         **_breakdowns(model, qid),
         **{f"majority_{k}": v for k, v in _breakdowns(majority, qid).items()},
         "confusion": _confusion(model, idx),
+        "box_errors": {name: _box_errors(a, box_true, qid) for name, a in (("model", model),
+                                                                          ("majority_baseline", majority))},
         "counts": counts,
         "input_issues": issues,
         "majority_source": ("the scored references themselves" if majority_references is None
