@@ -66,6 +66,12 @@ def render_markdown(report: dict, plot_files: Sequence[str] = ()) -> str:
     rows = [[m, _fmt(report["overall"][m]), _fmt(report["majority_baseline"][m]),
              str(report["support"][m]["n"]), str(report["support"][m]["parse_failures"])] for m in METRICS]
     lines += _table(["metric", "model", "majority baseline", "n", "parse failures"], rows)
+    side = report.get("side_majority_box")
+    if side is not None:
+        lines += ["", f"Majority box per question and knee side (the side from each volume_id; a baseline that still "
+                  f"looks at no image): miou {_fmt(side['miou'])}, acc_iou25 {_fmt(side['acc_iou25'])}, acc_iou50 "
+                  f"{_fmt(side['acc_iou50'])}. A model given each knee in one side's frame (`data.canonical_side`) "
+                  "matches it by writing one box per question; only a margin over it shows localization."]
     lines += ["", "n counts references for diag_exact and parse_fail_severity, (reference, field) pairs for "
               "diag_field, balanced_acc and qwk (fields with grades 0-3 only), and references with a box for "
               "the IoU metrics and parse_fail_box.", "", "## Input", ""]
@@ -102,8 +108,8 @@ def _box_error_lines(errors: Optional[dict]) -> list[str]:
             for axis in axes]
     return ["", "## Box errors per axis", "",
             f"Voxels, prediction minus reference, over the {model['n']} references answered with a box; each cell: "
-            "model (majority baseline). tracking: correlation, within each question type, of predicted and "
-            "reference box centres across volumes (does the box follow the anatomy); spread_ratio: how far the "
+            "model (majority baseline). tracking: correlation, within each question type and knee side, of predicted "
+            "and reference box centres across volumes (does the box follow the anatomy); spread_ratio: how far the "
             "predicted centres move between volumes relative to the reference centres (0: one box per question).",
             "", *_table(["axis", *BOX_AXIS_ERRORS], rows)]
 

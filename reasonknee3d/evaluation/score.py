@@ -23,8 +23,8 @@ from ..answer import check_severity
 from ..boxes import iou_3d, repair_boxes, validate_box
 from ..constants import AXIS_NAMES, BENCH_VERSION
 from ..schema import load_schema
-from .metrics import (MISSING, ScoreArrays, box_axis_errors, confusion_matrix, majority_boxes, majority_grades,
-                      summarize)
+from .metrics import (MISSING, ScoreArrays, acc_iou, box_axis_errors, confusion_matrix, majority_boxes,
+                      majority_grades, miou, summarize)
 from ..parsing import ParsedOutput, parse_outputs
 
 MAX_ISSUES_LISTED = 50
@@ -373,10 +373,41 @@ def _majority_arrays(source: Optional[Sequence[Reference]], model: ScoreArrays, 
                        box_found, box_of_q[qid])
 
 
-def _box_errors(a: ScoreArrays, box_true: np.ndarray, qid: np.ndarray) -> dict:
-    """``metrics.box_axis_errors`` over the references with a box that ``a`` answered with one."""
+def _box_errors(a: ScoreArrays, box_true: np.ndarray, box_group: np.ndarray) -> dict:
+    """``metrics.box_axis_errors`` over the references with a box that ``a`` answered with one; ``box_group``:
+    the reference groups whose volumes are compared (question type, or question type and knee side)."""
     both = a.has_box & a.box_found
-    return box_axis_errors(box_true[both], a.box_pred[both], qid[both], AXIS_NAMES)
+    return box_axis_errors(box_true[both], a.box_pred[both], box_group[both], AXIS_NAMES)
+
+
+def _knee_sides(refs: Sequence[Reference]) -> Optional[np.ndarray]:
+    """0 (right) / 1 (left) per reference from its ``volume_id`` (``..._left`` / ``..._right``, the release's
+    names); None when some reference's id names no side."""
+    sides = [r.volume_id.rsplit("_", 1)[-1].lower() for r in refs]
+    if not all(s in ("left", "right") for s in sides):
+        return None
+    return np.array([s == "left" for s in sides], dtype=np.int64)
+
+
+def _side_majority_boxes(source: Optional[Sequence[Reference]], references: Sequence[Reference],
+                         box_group: np.ndarray, box_true: np.ndarray, has_box: np.ndarray) -> Optional[dict]:
+    """The majority box per (question, knee side): what a model gets that writes one box per question in each
+    side's frame, without looking at the image. Left and right knees put medial and lateral at opposite ends
+    of the slice axis, so a side-blind median box sits between the two. Box metrics and per-axis errors, or
+    None when a volume_id names no side."""
+    src = references if source is None else source
+    side, src_side = _knee_sides(references), _knee_sides(src)
+    if side is None or src_side is None:
+        return None
+    src_box, src_has = _box_array([r.box for r in src])
+    src_key = np.array([r.question_id for r in src], dtype=np.int64) * 2 + src_side
+    found = majority_boxes(src_key[src_has], src_box[src_has])
+    key = np.array([r.question_id for r in references], dtype=np.int64) * 2 + side
+    box_found = np.array([int(k) in found for k in key], dtype=bool) & has_box
+    boxes = np.array([found.get(int(k), [0] * 6) for k in key], dtype=np.int64).reshape(-1, 6)
+    iou = _ious(box_true, boxes, box_found)[has_box]
+    return {"miou": miou(iou), "acc_iou25": acc_iou(iou, 0.25), "acc_iou50": acc_iou(iou, 0.5),
+            "box_errors": box_axis_errors(box_true[box_found], boxes[box_found], box_group[box_found], AXIS_NAMES)}
 
 
 def _confusion(model: ScoreArrays, idx: _SchemaIndex) -> dict[str, dict]:
@@ -412,6 +443,10 @@ def score_predictions(outputs: Mapping[str, Optional[str]], references: Sequence
     model = _model_arrays(parsed, truth, box_true, has_box, idx)
     majority = _majority_arrays(majority_references, model, truth[1], qid, box_true, idx)
     overall, support = summarize(model)
+    # Box errors compare volumes of one question type and one knee side (when the volume ids name it): left
+    # and right knees put the same region at opposite ends of the slice axis, which says nothing of localization.
+    sides = _knee_sides(references)
+    box_group = qid if sides is None else qid * 2 + sides
 
     preds = prediction_issues or Predictions()
     known = {r.sample_id for r in references}
@@ -446,8 +481,9 @@ def score_predictions(outputs: Mapping[str, Optional[str]], references: Sequence
         **_breakdowns(model, qid),
         **{f"majority_{k}": v for k, v in _breakdowns(majority, qid).items()},
         "confusion": _confusion(model, idx),
-        "box_errors": {name: _box_errors(a, box_true, qid) for name, a in (("model", model),
-                                                                          ("majority_baseline", majority))},
+        "box_errors": {name: _box_errors(a, box_true, box_group) for name, a in (("model", model),
+                                                                                ("majority_baseline", majority))},
+        "side_majority_box": _side_majority_boxes(majority_references, references, box_group, box_true, has_box),
         "counts": counts,
         "input_issues": issues,
         "majority_source": ("the scored references themselves" if majority_references is None

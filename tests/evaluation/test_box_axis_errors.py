@@ -91,3 +91,48 @@ def test_the_score_report_has_box_errors_for_model_and_majority(tmp_path: Path) 
     assert saved["box_errors"] == report["box_errors"]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Box errors per axis" in md and "| row | 1.000 (" in md
+
+
+def _side_release(tmp_path: Path, sides: tuple[str, ...], name: str) -> Path:
+    """References of question 1 whose box sits at one end of the slice axis for right knees, the other for left."""
+    q = get_question(1)
+    grades = {f.key: 0 for f in q.fields}
+    rows = []
+    for i, side in enumerate(sides):
+        s0 = 2 if side == "right" else 20
+        box = [s0, s0 + 4, 10 + i % 3, 16 + i % 3, 20, 25]  # rows move a little between volumes
+        rows.append({"sample_id": f"{name}{i}", "volume_id": f"2004_{i}_{side}", "question_id": 1,
+                     "severity": grades, "box": box, "split": name})
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_majority_box_per_knee_side(tmp_path: Path) -> None:
+    q = get_question(1)
+    train = _side_release(tmp_path, ("right", "left") * 6, "train")
+    test = _side_release(tmp_path, ("left", "right", "left", "right"), "test")
+    refs = [json.loads(line) for line in test.read_text().splitlines()]
+    # the model writes each side's box exactly: as good as the side-aware majority box on slices, better on rows
+    preds = [{"sample_id": r["sample_id"], "output": format_answer(q, ["reasoning"], r["box"], r["severity"])}
+             for r in refs]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    report = score_files(tmp_path / "p.jsonl", test, tmp_path / "out", majority_source=train, plots=False)
+    side = report["side_majority_box"]
+    # the side-blind median box sits between the two ends of the slice axis and misses both
+    assert report["majority_baseline"]["miou"] < 0.2 < side["miou"] < report["overall"]["miou"] == 1
+    assert side["box_errors"]["slice"]["centre_abs_error"] == 0
+    # compared within knee side, the exact boxes track the rows and the majority box does not move
+    assert report["box_errors"]["model"]["row"]["tracking"] == pytest.approx(1)
+    assert side["box_errors"]["row"]["spread_ratio"] == 0
+    assert "Majority box per question and knee side" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_no_side_majority_without_sides_in_the_volume_ids(tmp_path: Path) -> None:
+    refs = _side_release(tmp_path, ("left", "right"), "test")
+    text = refs.read_text().replace("_left", "_a").replace("_right", "_b")
+    refs.write_text(text)
+    (tmp_path / "p.jsonl").write_text("")
+    report = score_files(tmp_path / "p.jsonl", refs, tmp_path / "out", plots=False)
+    assert report["side_majority_box"] is None
+    assert "knee side" not in (tmp_path / "out" / "report.md").read_text()
