@@ -79,6 +79,10 @@ def test_printed_table_fits_100_columns_and_marks_a_smoke_test(monkeypatch):
         assert any(line.split()[:1] == ["slice"] and "-0.620" in line and "5120" in line for line in lines)
         assert ("SMOKE TEST" in buf.getvalue()) == quick
         assert ("smoke test" in _markdown(_table(0.1), QUICK, quick)) == quick
+    # the side-aware majority box is said when the 3D report has it, and only then
+    side = _markdown(_table(0.1), QUICK, False, side_box={"miou": 0.303, "acc_iou50": 0.176})
+    assert "per question *and knee side*" in side and "miou 0.303, acc_iou50 0.176" in side
+    assert "knee side" not in _markdown(_table(0.1), QUICK, False)
 
 
 def test_demo_seed_reaches_the_settings(monkeypatch, tmp_path):
