@@ -22,6 +22,7 @@ import numpy as np
 from ..answer import check_severity
 from ..boxes import iou_3d, repair_boxes, validate_box
 from ..constants import AXIS_NAMES, BENCH_VERSION
+from ..data.release_forms import side_of_file_name
 from ..schema import load_schema
 from .metrics import (MISSING, ScoreArrays, acc_iou, box_axis_errors, confusion_matrix, majority_boxes,
                       majority_grades, miou, summarize)
@@ -383,8 +384,8 @@ def _box_errors(a: ScoreArrays, box_true: np.ndarray, box_group: np.ndarray) -> 
 def _knee_sides(refs: Sequence[Reference]) -> Optional[np.ndarray]:
     """0 (right) / 1 (left) per reference from its ``volume_id`` (``..._left`` / ``..._right``, the release's
     names); None when some reference's id names no side."""
-    sides = [r.volume_id.rsplit("_", 1)[-1].lower() for r in refs]
-    if not all(s in ("left", "right") for s in sides):
+    sides = [side_of_file_name(r.volume_id) for r in refs]
+    if None in sides:
         return None
     return np.array([s == "left" for s in sides], dtype=np.int64)
 
