@@ -183,29 +183,28 @@ BOX_AXIS_ERRORS = ("centre_abs_error", "centre_bias", "extent_bias", "tracking",
 """What ``box_axis_errors`` reports per array axis, in report order."""
 
 
-def box_axis_errors(true: np.ndarray, pred: np.ndarray, question_ids: np.ndarray,
-                    axis_names: Sequence[str]) -> dict:
+def box_axis_errors(true: np.ndarray, pred: np.ndarray, groups: np.ndarray, axis_names: Sequence[str]) -> dict:
     """Where box errors come from, per array axis, over ``(N, 6)`` inclusive boxes ``[a0_min, a0_max, ...]``.
 
     IoU multiplies the three axes, so it cannot say which axis is off. Per axis (voxels, prediction minus
     reference): ``centre_abs_error`` and ``centre_bias`` (mean absolute and mean signed error of the box centre),
-    ``extent_bias`` (mean signed error of the extent ``max - min + 1``). The other two ask whether the boxes
-    follow each volume's anatomy rather than sit where that question's box usually is: within each question
-    type (``question_ids``), the centres' deviations from that question's mean are compared across volumes.
-    ``tracking`` is the correlation of predicted and reference deviations pooled over question types (1: the
-    boxes move with the anatomy; 0: they do not; None where either side never moves, as for a fixed box per
-    question); ``spread_ratio`` is the predicted deviations' mean absolute value over the reference deviations' (near 0:
-    one box per question whatever the volume; a mean rather than an RMS, so one stray box does not dominate). Returns ``{"n": N, axis name: {quantity: float or None}}``.
+    ``extent_bias`` (mean signed error of the extent ``max - min + 1``). The other two ask whether the boxes follow
+    each volume's anatomy rather than sit where that kind of box usually is: within each group (``groups``: one id
+    per box, e.g. the question type, or question type and knee side), the centres' deviations from the group's mean
+    are compared across volumes. ``tracking`` is the correlation of predicted and reference deviations pooled over
+    groups (1: the boxes move with the anatomy; 0: they do not; None where either side never moves, as for a fixed
+    box per group); ``spread_ratio`` is the predicted deviations' mean absolute value over the reference
+    deviations' (near 0: one box per group whatever the volume; a mean rather than an RMS, so one stray box does
+    not dominate). Returns ``{"n": N, axis name: {quantity: float or None}}``.
     """
     true, pred = np.asarray(true, dtype=np.float64).reshape(-1, 6), np.asarray(pred, dtype=np.float64).reshape(-1, 6)
-    qid = np.asarray(question_ids)
     out: dict = {"n": int(len(true))}
     if len(true) == 0:
         return {**out, **{name: dict.fromkeys(BOX_AXIS_ERRORS) for name in axis_names}}
-    _, q = np.unique(qid, return_inverse=True)
+    _, q = np.unique(np.asarray(groups), return_inverse=True)
     count = np.bincount(q).astype(np.float64)
 
-    def deviations(x: np.ndarray) -> np.ndarray:  # from the mean of the same question type
+    def deviations(x: np.ndarray) -> np.ndarray:  # from the mean of the same group
         return x - (np.bincount(q, weights=x) / count)[q]
 
     for axis, name in enumerate(axis_names):
