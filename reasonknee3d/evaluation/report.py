@@ -47,6 +47,10 @@ def render_summary(report: dict) -> str:
         sup = report["support"][m]
         lines.append(f"{m:<20} {_fmt(report['overall'][m]):>7} {_fmt(report['majority_baseline'][m]):>9} "
                      f"{sup['n']:>8} {sup['parse_failures']:>7}")
+    side = report.get("side_majority_box")
+    if side is not None:
+        lines.append(f"majority box per question and knee side: miou {_fmt(side['miou'])}, acc_iou50 "
+                     f"{_fmt(side['acc_iou50'])} (a model that only knows the side matches it)")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import pytest
 from reasonknee3d.answer import format_answer
 from reasonknee3d.constants import AXIS_NAMES
 from reasonknee3d.evaluation.metrics import BOX_AXIS_ERRORS, box_axis_errors
+from reasonknee3d.evaluation.report import render_summary
 from reasonknee3d.evaluation.score import score_files
 from reasonknee3d.schema import get_question
 
@@ -126,6 +127,7 @@ def test_majority_box_per_knee_side(tmp_path: Path) -> None:
     assert report["box_errors"]["model"]["row"]["tracking"] == pytest.approx(1)
     assert side["box_errors"]["row"]["spread_ratio"] == 0
     assert "Majority box per question and knee side" in (tmp_path / "out" / "report.md").read_text()
+    assert f"knee side: miou {side['miou']:.3f}" in render_summary(report)  # what `score` prints
 
 
 def test_no_side_majority_without_sides_in_the_volume_ids(tmp_path: Path) -> None:
@@ -136,3 +138,4 @@ def test_no_side_majority_without_sides_in_the_volume_ids(tmp_path: Path) -> Non
     report = score_files(tmp_path / "p.jsonl", refs, tmp_path / "out", plots=False)
     assert report["side_majority_box"] is None
     assert "knee side" not in (tmp_path / "out" / "report.md").read_text()
+    assert "knee side" not in render_summary(report)
