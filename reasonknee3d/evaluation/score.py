@@ -384,31 +384,33 @@ def _box_errors(a: ScoreArrays, box_true: np.ndarray, box_group: np.ndarray) -> 
 def _knee_sides(refs: Sequence[Reference]) -> Optional[np.ndarray]:
     """0 (right) / 1 (left) per reference from its ``volume_id`` (``..._left`` / ``..._right``, the release's
     names); None when some reference's id names no side."""
-    sides = [side_of_file_name(r.volume_id) for r in refs]
-    if None in sides:
+    side_of = {vid: side_of_file_name(vid) for vid in {r.volume_id for r in refs}}  # ~60 questions per volume
+    if None in side_of.values():
         return None
-    return np.array([s == "left" for s in sides], dtype=np.int64)
+    return np.array([side_of[r.volume_id] == "left" for r in refs], dtype=np.int64)
 
 
-def _side_majority_boxes(source: Optional[Sequence[Reference]], references: Sequence[Reference],
-                         box_group: np.ndarray, box_true: np.ndarray, has_box: np.ndarray) -> Optional[dict]:
+def _side_majority_boxes(source: Optional[Sequence[Reference]], sides: Optional[np.ndarray], key: np.ndarray,
+                         box_true: np.ndarray, has_box: np.ndarray) -> Optional[dict]:
     """The majority box per (question, knee side): what a model gets that writes one box per question in each
     side's frame, without looking at the image. Left and right knees put medial and lateral at opposite ends
-    of the slice axis, so a side-blind median box sits between the two. Box metrics and per-axis errors, or
-    None when a volume_id names no side."""
-    src = references if source is None else source
-    side, src_side = _knee_sides(references), _knee_sides(src)
-    if side is None or src_side is None:
+    of the slice axis, so a side-blind median box sits between the two. ``source``: where the boxes are learnt
+    (None: the scored references, ``key`` = question id * 2 + ``sides`` of each). Box metrics and per-axis
+    errors, or None when a volume_id names no side."""
+    src_side = sides if source is None else _knee_sides(source)
+    if sides is None or src_side is None:
         return None
-    src_box, src_has = _box_array([r.box for r in src])
-    src_key = np.array([r.question_id for r in src], dtype=np.int64) * 2 + src_side
+    if source is None:
+        src_key, src_box, src_has = key, box_true, has_box
+    else:
+        src_key = np.array([r.question_id for r in source], dtype=np.int64) * 2 + src_side
+        src_box, src_has = _box_array([r.box for r in source])
     found = majority_boxes(src_key[src_has], src_box[src_has])
-    key = np.array([r.question_id for r in references], dtype=np.int64) * 2 + side
     box_found = np.array([int(k) in found for k in key], dtype=bool) & has_box
     boxes = np.array([found.get(int(k), [0] * 6) for k in key], dtype=np.int64).reshape(-1, 6)
     iou = _ious(box_true, boxes, box_found)[has_box]
     return {"miou": miou(iou), "acc_iou25": acc_iou(iou, 0.25), "acc_iou50": acc_iou(iou, 0.5),
-            "box_errors": box_axis_errors(box_true[box_found], boxes[box_found], box_group[box_found], AXIS_NAMES)}
+            "box_errors": box_axis_errors(box_true[box_found], boxes[box_found], key[box_found], AXIS_NAMES)}
 
 
 def _confusion(model: ScoreArrays, idx: _SchemaIndex) -> dict[str, dict]:
@@ -484,7 +486,7 @@ def score_predictions(outputs: Mapping[str, Optional[str]], references: Sequence
         "confusion": _confusion(model, idx),
         "box_errors": {name: _box_errors(a, box_true, box_group) for name, a in (("model", model),
                                                                                 ("majority_baseline", majority))},
-        "side_majority_box": _side_majority_boxes(majority_references, references, box_group, box_true, has_box),
+        "side_majority_box": _side_majority_boxes(majority_references, sides, box_group, box_true, has_box),
         "counts": counts,
         "input_issues": issues,
         "majority_source": ("the scored references themselves" if majority_references is None
