@@ -361,17 +361,24 @@ def _majority_arrays(source: Optional[Sequence[Reference]], model: ScoreArrays, 
         src_box, src_has = _box_array([r.box for r in source])
         src_qid = np.array([r.question_id for r in source], dtype=np.int64)
     maj_grade = majority_grades(src_field, src_true, len(idx.field_group))
-    box_of_q = np.zeros((idx.num_questions, 6), dtype=np.int64)
-    has_q = np.zeros(idx.num_questions, dtype=bool)
-    for q, box in majority_boxes(src_qid[src_has], src_box[src_has]).items():
-        box_of_q[q], has_q[q] = box, True
+    boxes, box_found = _majority_box_lookup(src_qid[src_has], src_box[src_has], qid, idx.num_questions)
     pair_pred = maj_grade[pair_field]
     n = len(qid)
     sev_found = np.bincount(model.pair_ref, weights=pair_pred != MISSING, minlength=n) > 0
-    box_found = has_q[qid]
     return ScoreArrays(model.pair_ref, model.pair_group, model.pair_true, pair_pred, model.pair_ordinal,
-                       model.has_box, _ious(box_true, box_of_q[qid], model.has_box & box_found), sev_found,
-                       box_found, box_of_q[qid])
+                       model.has_box, _ious(box_true, boxes, model.has_box & box_found), sev_found,
+                       box_found, boxes)
+
+
+def _majority_box_lookup(src_key: np.ndarray, src_box: np.ndarray, key: np.ndarray,
+                         num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """``metrics.majority_boxes`` learnt from ``src_key`` / ``src_box`` (ids below ``num_keys``), answered for each
+    of ``key``: ``(N, 6)`` boxes (zeros where the source never saw the key) and the ``(N,)`` found mask."""
+    box_of = np.zeros((num_keys, 6), dtype=np.int64)
+    has = np.zeros(num_keys, dtype=bool)
+    for k, box in majority_boxes(src_key, src_box).items():
+        box_of[k], has[k] = box, True
+    return box_of[key], has[key]
 
 
 def _box_errors(a: ScoreArrays, box_true: np.ndarray, box_group: np.ndarray) -> dict:
@@ -405,9 +412,9 @@ def _side_majority_boxes(source: Optional[Sequence[Reference]], sides: Optional[
     else:
         src_key = np.array([r.question_id for r in source], dtype=np.int64) * 2 + src_side
         src_box, src_has = _box_array([r.box for r in source])
-    found = majority_boxes(src_key[src_has], src_box[src_has])
-    box_found = np.array([int(k) in found for k in key], dtype=bool) & has_box
-    boxes = np.array([found.get(int(k), [0] * 6) for k in key], dtype=np.int64).reshape(-1, 6)
+    num_keys = int(max(src_key.max(initial=0), key.max(initial=0))) + 1
+    boxes, box_found = _majority_box_lookup(src_key[src_has], src_box[src_has], key, num_keys)
+    box_found &= has_box
     iou = _ious(box_true, boxes, box_found)[has_box]
     return {"miou": miou(iou), "acc_iou25": acc_iou(iou, 0.25), "acc_iou50": acc_iou(iou, 0.5),
             "box_errors": box_axis_errors(box_true[box_found], boxes[box_found], key[box_found], AXIS_NAMES)}
