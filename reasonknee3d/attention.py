@@ -13,6 +13,14 @@ import torch
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
+NO_HUB_KERNELS = {"use_kernels": False}
+"""``from_pretrained`` keywords of every model this package loads. transformers (5.x) kernelizes a loaded model
+by default, and on a CUDA device its ``train()`` / ``eval()`` then fetches replacement layers (e.g. RMSNorm from
+``kernels-community/liger-kernels``) from the Hugging Face Hub: a download at run time, and an error on a GPU
+node without Hub access (seen on an H200, 2026-12-04). The package promises no network at run time and the same
+layers on CPU and GPU, so hub kernels stay off; pass ``use_kernels=True`` to opt in."""
+
+
 def flash_attn_available() -> bool:
     """True when the ``flash_attn`` package is importable and a CUDA device is present."""
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()

@@ -105,3 +105,19 @@ def test_encoder_flops_grow_linearly_for_swin3d_and_faster_for_vit3d():
     # swin3d hands the projector 8 x 8 x 8 features, what vit3d's 16 x 24 x 24 patches pool to (2 x 3 x 3).
     assert flops[160]["swin3d"]["grid"] == [8, 8, 8] and flops[160]["vit3d"]["grid"] == [16, 24, 24]
     assert flops[160]["swin3d"]["first_stage_patches"] == 32 ** 3 and flops[160]["vit3d"]["first_stage_patches"] == 9216
+
+
+def test_encoder_step_runs_under_autocast_and_says_where():
+    from reasonknee3d.models.reasonknee3d.encoders import encoder_config
+
+    size = [8, 16, 16]
+    configs = {"vit3d": encoder_config(dict(encoder_type="vit3d", input_size=size, patch_size=[4, 8, 8], hidden_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+                                       strict=True),
+               "swin3d": encoder_config(dict(encoder_type="swin3d", input_size=size, patch_size=[2, 4, 4], depths=[1, 1],
+                                             num_heads=[1, 2], window_size=[4, 4, 4], hidden_size=16), strict=True)}
+    out = bench.measure_encoder_step(configs, repeats=2, device="cpu", dtype=torch.bfloat16)
+    assert out["settings"]["device"] == "cpu" and out["settings"]["dtype"] == "bfloat16"
+    assert out["vit3d"]["device_peak_bytes"] is None  # peaks are read on CUDA only
+    assert len(out["swin3d"]["repeats_s"]) == 2 and out["ratio"] == out["vit3d"]["median_s"] / out["swin3d"]["median_s"]
+    assert "encoders on a CPU in bfloat16" in bench._encoder_limit(out)

@@ -141,3 +141,25 @@ def test_real_size_bench_one_layer_reduced_width(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "train step" in printed
     assert all(row in printed for row in ("3D per sample (G=1)", "3D per sample (G=4)", "slice per sample"))
+
+
+def test_a_failing_family_leaves_the_finished_one_on_disk(tmp_path, monkeypatch):
+    """The slice preset failed on a GPU after the 3D preset had run for minutes: those numbers stay in --out."""
+    from reasonknee3d.data import synth
+    from reasonknee3d.models.tiny_qwen import default_tiny_qwen_dir
+
+    lm_dir = default_tiny_qwen_dir(tmp_path / "lm")
+    monkeypatch.setattr(real_size, "real_size_checkpoint", lambda s: (lm_dir, {"path": str(lm_dir)}))
+    monkeypatch.setattr(synth, "write_synthetic_release", lambda *a, **k: None)
+
+    def run_family(s, name, lm, release, work):
+        if name == s.config_slice:
+            raise RuntimeError("slice failed")
+        return None, {"train": {"median_step_s": 1.5}}
+
+    monkeypatch.setattr(real_size, "_run_family", run_family)
+    out = tmp_path / "real.json"
+    with pytest.raises(RuntimeError, match="slice failed"):
+        real_size.run_real_size_bench(out, work_dir=tmp_path / "work")
+    r = json.loads(out.read_text())["real_size"]
+    assert r["partial"] is True and r["3d"]["train"]["median_step_s"] == 1.5 and "slice" not in r

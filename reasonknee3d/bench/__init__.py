@@ -425,38 +425,52 @@ def _encoder_summary(config: Any) -> dict[str, Any]:
             math.prod(first), "settings": config.to_diff_dict()}
 
 
-def measure_encoder_step(configs: dict[str, Any], repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+def measure_encoder_step(configs: dict[str, Any], repeats: int = 3, seed: int = 0, device: Optional[str] = None,
+                         dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Forward + backward time of each encoder in ``configs`` (name -> encoder config, same input size) on one
     random volume, the encoders timed in alternation; ``ratio`` = vit3d median over swin3d median.
 
     The backward runs from the mean square of the features, so every parameter gets a gradient; gradients are
-    dropped between runs. Also counts each step's FLOPs (meta device).
+    dropped between runs. Also counts each step's FLOPs (meta device). ``device`` (default CPU): where the
+    encoders run; on CUDA each step ends with a synchronize so the wall time covers the kernels, and the peak
+    device memory of each encoder's steps is reported. ``dtype`` other than float32 runs the forward under
+    autocast (the weights stay float32, as in mixed-precision training).
     """
     from ..models.reasonknee3d.encoders import build_encoder
 
     sizes = {tuple(c.input_size) for c in configs.values()}
     if len(sizes) != 1:
         raise ValueError(f"measure_encoder_step: the encoders have different input sizes {sorted(sizes)}")
-    volume = torch.randn(1, 1, *sizes.pop(), generator=torch.Generator().manual_seed(seed))
+    dev = torch.device(device or "cpu")
+    cuda = dev.type == "cuda"
+    volume = torch.randn(1, 1, *sizes.pop(), generator=torch.Generator().manual_seed(seed)).to(dev)
     encoders = {}
     for name, config in configs.items():
         torch.manual_seed(seed)
-        encoders[name] = build_encoder(config).train()
+        encoders[name] = build_encoder(config).to(dev).train()
+    peaks: dict[str, int] = {}
 
-    def step(encoder: Any) -> None:
-        features, _ = encoder(volume)
+    def step(name: str) -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            features, _ = encoders[name](volume)
         features.float().pow(2).mean().backward()
-        encoder.zero_grad(set_to_none=True)
+        encoders[name].zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(dev)
+            peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(dev))
 
-    times = time_interleaved({name: functools.partial(step, enc) for name, enc in encoders.items()}, repeats)
+    times = time_interleaved({name: functools.partial(step, name) for name in encoders}, repeats)
     out: dict[str, Any] = {}
     for name, config in configs.items():
         out[name] = {"median_s": statistics.median(times[name]), "repeats_s": times[name],
-                     "flops": encoder_step_flops(config),
+                     "flops": encoder_step_flops(config), "device_peak_bytes": peaks.get(name),
                      "parameters": sum(p.numel() for p in encoders[name].parameters()), **_encoder_summary(config)}
     return {"ratio": out["vit3d"]["median_s"] / out["swin3d"]["median_s"],
             "flops_ratio": out["vit3d"]["flops"] / out["swin3d"]["flops"], **out,
-            "settings": {"volume_shape": list(volume.shape[2:]), "batch_size": 1, "dtype": "float32",
+            "settings": {"volume_shape": list(volume.shape[2:]), "batch_size": 1, "device": str(dev),
+                         "dtype": str(dtype).removeprefix("torch."),
                          "attn_implementation": "sdpa (vit3d); MONAI window attention (swin3d)",
                          "activation_checkpointing": False, "repeats": repeats}}
 
@@ -619,9 +633,13 @@ def run_bench(out: Optional[str | Path] = None, repeats: Optional[int] = None, q
         text_config = s.real_text_config or AutoConfig.from_pretrained(lm_dir).text_config.to_dict()
         details["train_step_flops_real_size"] = count_real_size_flops(exp3d_real, text_config, visual,
                                                                       train["text_tokens"]["3d"])
-        logger.info("encoder step: vit3d vs swin3d (reduced sizes), and their real-size FLOPs")
-        details["encoder_step"] = measure_encoder_step(encoder_configs(exp3d_real, s.swin3d, s.encoder_step_reduce),
-                                                       s.train_repeats)
+        # On a GPU the encoders are timed at their real sizes in bfloat16; a CPU times them reduced in fp32.
+        gpu = torch.cuda.is_available()
+        logger.info("encoder step: vit3d vs swin3d (%s), and their real-size FLOPs",
+                    "real sizes, bfloat16, GPU" if gpu else "reduced sizes")
+        details["encoder_step"] = measure_encoder_step(
+            encoder_configs(exp3d_real, s.swin3d, None if gpu else s.encoder_step_reduce), s.train_repeats,
+            device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32)
         details["encoder_flops_real_size"] = count_encoder_flops_real_size(encoder_configs(exp3d_real, s.swin3d))
         logger.info("volume cache")
         details["cache"] = measure_cache(exp3d_real, work / "cache", s.repeats)
@@ -713,9 +731,10 @@ def limits(d: dict[str, Any]) -> dict[str, str]:
 
 
 def _encoder_limit(enc: dict[str, Any]) -> str:
-    vit, swin = enc["vit3d"]["settings"], enc["swin3d"]["settings"]
-    return (f"reduced encoders on a CPU in fp32 (vit3d hidden {vit.get('hidden_size')}, swin3d hidden "
-            f"{swin.get('hidden_size')}), first-stage patches ({enc['vit3d']['first_stage_patches']:,} vs "
+    st = enc["settings"]
+    where = "a CPU" if st.get("device", "cpu") == "cpu" else st["device"]
+    return (f"encoders on {where} in {st.get('dtype', 'float32')} (vit3d {enc['vit3d']['parameters'] / 1e6:.1f} M, "
+            f"swin3d {enc['swin3d']['parameters'] / 1e6:.1f} M parameters), first-stage patches ({enc['vit3d']['first_stage_patches']:,} vs "
             f"{enc['swin3d']['first_stage_patches']:,}); FLOP ratio {enc['flops_ratio']:.1f}x. MONAI's window "
             f"attention adds per-step work the FLOPs do not count (shift mask, window partition, eager softmax)")
 

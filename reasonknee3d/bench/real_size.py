@@ -304,6 +304,11 @@ def run_real_size_bench(out: Optional[str | Path] = None, settings: Optional[Rea
         exps = {}
         for key, name in (("3d", s.config_3d), ("slice", s.config_slice)):
             exps[key], section[key] = _run_family(s, name, lm_dir, release, work)
+            if out is not None and key != "slice":
+                # What has run so far is on disk, marked partial, in case a later family fails (minutes of a
+                # GPU lease); the complete result replaces it below.
+                write_json(out, _plain({"real_size": {**section, "partial": True},
+                                        "seconds": time.perf_counter() - t_start}))
 
     visual = {k: section[k]["train"]["visual_tokens"] for k in ("3d", "slice")}
     for key in ("3d", "slice"):

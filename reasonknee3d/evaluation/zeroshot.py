@@ -312,13 +312,13 @@ def _load_hf(model_dir: str | os.PathLike, attn_implementation: str) -> tuple[An
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..attention import select_attn_implementation
+    from ..attention import NO_HUB_KERNELS, select_attn_implementation
 
     cuda = torch.cuda.is_available()
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-        attn_implementation=select_attn_implementation(attn_implementation))
+        attn_implementation=select_attn_implementation(attn_implementation), **NO_HUB_KERNELS)
     return model.to("cuda" if cuda else "cpu").eval(), processor
 
 

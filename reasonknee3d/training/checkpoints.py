@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..attention import NO_HUB_KERNELS
 from ..io_utils import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def merge_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mode
         for src in checkpoint.iterdir():
             if src.is_file() and src.name not in ADAPTER_FILES:
                 os.symlink(src.resolve(), base_view / src.name)
-        base = model_class.from_pretrained(base_view)
+        base = model_class.from_pretrained(base_view, **NO_HUB_KERNELS)
         merged = PeftModel.from_pretrained(base, checkpoint).merge_and_unload()
         shutil.rmtree(base_view)
         merged.save_pretrained(tmp)

@@ -97,3 +97,35 @@ def test_cached_batches_through_a_dataloader(release, cfg, tmp_path):
     loader = torch.utils.data.DataLoader(samples, batch_size=2, collate_fn=processing_slice.SliceCollator(processor, cfg, cache))
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 2 and torch.isfinite(model(**batch).loss)
+
+
+def test_cached_batches_survive_pinned_memory(release, cfg, tmp_path, monkeypatch):
+    """On CUDA the Trainer's DataLoader pins every batch (torch.utils.data's pin_memory); a plain ModelOutput in
+    the batch made that raise ("You cannot use ``update``"), which only a GPU run showed. Pinning is simulated
+    here (Tensor.pin_memory needs a CUDA build) by a clone that records each pinned tensor."""
+    import pickle
+
+    from torch.utils.data._utils.pin_memory import pin_memory
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from reasonknee3d.data.release import iter_samples
+
+    model, processor = modeling_slice.build_slice_model(cfg)
+    cache = features.SliceFeatureCache.for_model(tmp_path, model, cfg)
+    modeling_slice.preprocess_slice_features(release, cfg, tmp_path, splits=["train"])
+    batch = processing_slice.SliceCollator(processor, cfg, cache)(list(iter_samples(release, "train"))[:2])
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+
+    out = pin_memory(batch)
+    video = out["mm_encoder_outputs"]["video"]
+    assert type(video) is processing_slice.CachedVideoOutput
+    sent = batch["mm_encoder_outputs"]["video"].pooler_output
+    assert len(video.pooler_output) == len(sent) == 2
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(video.pooler_output, sent))
+    assert any(t is sent[0] for t in pinned)  # the features were pinned, not passed through
+    assert torch.isfinite(model(**out).loss)
+    # DataLoader workers send batches back pickled.
+    assert type(pickle.loads(pickle.dumps(video))) is processing_slice.CachedVideoOutput
+    with pytest.raises(Exception, match="update"):  # what the batch held before
+        pin_memory({"video": BaseModelOutputWithPooling(pooler_output=sent)})

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
+from ...attention import NO_HUB_KERNELS
 from ...constants import BOX_END, BOX_START, VISION_END, VISION_START, VOLUME_PAD
 from ..precision import autocast_like, describe_saved_precision, float32_patterns
 from ..tiny_qwen import default_tiny_qwen_dir
@@ -76,6 +77,13 @@ class ReasonKnee3DPreTrainedModel(PreTrainedModel):
     # The parts trained from scratch stay float32 under a bfloat16 language model (master weights that small
     # updates do not round away; models/precision.py), also when a bfloat16 folder is loaded.
     _keep_in_fp32_modules_strict = ["encoder", "projector", "region_projector"]
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        # Hub kernels stay off unless asked for: on CUDA they are downloaded at run time (attention.NO_HUB_KERNELS).
+        for key, value in NO_HUB_KERNELS.items():
+            kwargs.setdefault(key, value)
+        return super().from_pretrained(*args, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from ...attention import select_attn_implementation
+from ...attention import NO_HUB_KERNELS, select_attn_implementation
 from ...constants import COORD_TOKEN_FORMAT
 from ..precision import FLOAT32_MODULES, cast_outside_float32_modules, restore_adapter_precision
 from ..tokens import add_box_tokens_to_model
@@ -38,7 +38,7 @@ def _load_pretrained(path: Path, dtype: torch.dtype, attn_implementation: str) -
 
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=select_attn_implementation(attn_implementation))
+        path, dtype=dtype, attn_implementation=select_attn_implementation(attn_implementation), **NO_HUB_KERNELS)
     return model, processor
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ...boxes import clip_boxes, validate_box, voxel_text_to_coord_tokens
 from ...constants import VIDEO_PAD, VISION_END, VISION_START
@@ -22,6 +23,17 @@ from .configuration_slice import SliceBaselineConfig, as_slice_config
 
 if TYPE_CHECKING:
     from .features import CachedFeatures, SliceFeatureCache
+
+class CachedVideoOutput(BaseModelOutputWithPooling):
+    """Cached vision features as a batch carries them to Qwen2.5-VL (``mm_encoder_outputs["video"]``).
+
+    On CUDA the Trainer's DataLoader pins each batch's memory; torch pins a mapping by copying it and calling
+    ``update`` on the copy, which every ``ModelOutput`` refuses ("You cannot use ``update``"). This type pins
+    its own tensors instead (torch asks an object for ``pin_memory`` before treating it as a mapping)."""
+
+    def pin_memory(self, device: Any = None) -> "CachedVideoOutput":
+        return type(self)(pooler_output=tuple(t.pin_memory() for t in self.pooler_output))
+
 
 # --- slices -> frames ----------------------------------------------------------------------------------
 
@@ -175,8 +187,6 @@ class SliceCollator:
 
     def collate(self, samples: Sequence[Any]) -> tuple[dict[str, Any], list[tuple[int, int, int]]]:
         """(batch, source volume shapes); shapes turn generated coordinate tokens back into voxel boxes."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         entries, videos, shapes, rows = [], [], [], []
         for s in samples:
             entry, frames, shape = self._visual(s)
@@ -209,7 +219,7 @@ class SliceCollator:
             batch["pixel_values_videos"] = enc["pixel_values_videos"]
         else:
             feats = tuple(e.features for e in entries)
-            batch["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=feats)}
+            batch["mm_encoder_outputs"] = {"video": CachedVideoOutput(pooler_output=feats)}
         return batch, shapes
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
