@@ -307,6 +307,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         import json
         import logging
 
+        from .data.distributed import end_process_group
         from .families import load_experiment_config
         from .training.trainer import NonFiniteTrainingError, run_training
         flags = {"train.data_dir": a.data, "train.output_dir": a.output_dir, "train.max_steps": a.max_steps,
@@ -321,6 +322,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         except NonFiniteTrainingError as e:  # the run's data or settings diverged: not a usage error
             _print_error("train", e)
             return 1
+        end_process_group()
         resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
         print(f"trained to step {result.global_step}{resumed}: {result.final_dir}"
               + (f", merged: {result.merged_dir}" if result.merged_dir else ""))

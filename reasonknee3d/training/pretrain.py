@@ -91,6 +91,7 @@ def run_encoder_pretraining(exp: Any, callbacks: Sequence[Any] = ()) -> Any:
         if parts.skipped:
             write_jsonl(out / "skipped.jsonl", [{"item": item, "reason": why} for item, why in parts.skipped])
         normalize_permissions(out)
+    trainer.accelerator.wait_for_everyone()  # every rank returns once the folders are written (see run_training)
     return TrainResult(output_dir=out, final_dir=out / ENCODER_DIR, merged_dir=None,
                        global_step=trainer.state.global_step, resumed_from=resume, metrics=dict(output.metrics),
                        model=model)

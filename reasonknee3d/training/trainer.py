@@ -83,6 +83,9 @@ def run_training(exp: ExperimentConfig, family: Any = None,
     merged_dir = None
     if exp.train.merge and args.should_save:
         merged_dir = merge_checkpoint(final_dir, out / "merged", family.model_class)
+    # Only the main process writes final/ and merged/: the others wait for it, so that the folder they return
+    # exists and no rank leaves (and tears down its process group) while another still works.
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(output_dir=out, final_dir=final_dir, merged_dir=merged_dir,
                        global_step=trainer.state.global_step, resumed_from=resume, metrics=dict(output.metrics),
                        model=trainer.model)

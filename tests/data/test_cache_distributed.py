@@ -190,3 +190,16 @@ def test_preprocess_cli_under_torchrun(tmp_path, config, folder, suffix):
         assert not [p for p in entries if p.name.startswith(".")] and not (cache_dir / SKIPPED_FILE).exists()
         assert mtimes is None or entries == mtimes  # the rerun wrote nothing
         mtimes = entries
+
+
+def test_end_process_group_destroys_the_group_a_run_left(monkeypatch):
+    import torch.distributed as dist
+
+    distributed.end_process_group()  # no group: nothing to do
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    distributed.end_process_group()
+    assert not dist.is_initialized()
