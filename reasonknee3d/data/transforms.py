@@ -176,7 +176,10 @@ class IntensityCentroidd(MapTransform):
         d = dict(data)
         img = d[self.image_key]
         arr = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-        d["centroid"] = intensity_centroid(arr[0])
+        try:
+            d["centroid"] = intensity_centroid(arr[0])
+        except ValueError as e:  # an all-dark volume: a usage problem of this file, skipped like a bad volume
+            raise VolumeError(f"data.recentre: {e}") from None
         return d
 
 
@@ -320,6 +323,8 @@ def preprocess_volume_frame(path: str | Path, cfg: PreprocessConfig,
         while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
             cause = cause.__cause__
         if isinstance(cause, VolumeError):
+            if str(path) not in str(cause):
+                raise VolumeError(f"{path}: {cause}") from None
             raise cause from None
         raise
     img = d["image"]

@@ -127,6 +127,16 @@ def test_off_centre_blob_ends_within_half_a_voxel_of_the_centre(tmp_path, side):
     assert preprocess_volume(path, cfg)[1] == (16, 20, 18)
 
 
+def test_a_volume_without_positive_intensities_is_a_volume_error_naming_it(tmp_path):
+    from reasonknee3d.data.io import VolumeError
+    dark = np.full((6, 8, 8), -5, dtype=np.int16)
+    dark[2, 3, 4] = -1  # not constant, so loading accepts it
+    path = write_nifti(tmp_path / "dark_right.nii.gz", dark)
+    with pytest.raises(VolumeError, match=r"dark_right\.nii\.gz: data\.recentre: .*no centroid"):
+        preprocess_volume(path, PreprocessConfig(input_shape=(6, 8, 8), **RECENTRE))
+    assert preprocess_volume(path, PreprocessConfig(input_shape=(6, 8, 8)))[1] == (6, 8, 8)
+
+
 def test_recentre_setting_validation_and_cache_keys(release, tmp_path):
     with pytest.raises(ValueError, match=r"recentre must be one of \('centroid',\) or null, got 'mean'"):
         PreprocessConfig(recentre="mean")
