@@ -2,11 +2,11 @@
 
 An entry is ``<volume_id>-<key>.npy`` (float16 ``(S, H, W)`` at ``cfg.input_shape``) plus ``.json``
 metadata (source, loaded shape, spacing, settings, and with ``data.recentre`` the whole-voxel ``offset`` the
-volume was moved by; ``VolumeCache.frame`` turns it into the volume's ``VolumeFrame``). The key hashes the settings that change the array
-(``PreprocessConfig.array_settings``), the resolved source path and the source's size and mtime, so
-changing either preprocessing or the file gives a new entry instead of a stale one. Both files are written
-atomically and the ``.json`` last, so an entry exists exactly when its ``.json`` does. Arrays are opened
-with ``np.load(mmap_mode="r")``: samples of one volume share one file and the OS page cache.
+volume was moved by; ``VolumeCache.frame`` turns it into the volume's ``VolumeFrame``). The key hashes the
+settings that change the array (``PreprocessConfig.array_settings``), the resolved source path and the source's
+size and mtime, so changing either preprocessing or the file gives a new entry instead of a stale one. Both files
+are written atomically and the ``.json`` last, so an entry exists exactly when its ``.json`` does. Arrays are
+opened with ``np.load(mmap_mode="r")``: samples of one volume share one file and the OS page cache.
 """
 from __future__ import annotations
 

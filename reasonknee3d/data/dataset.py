@@ -2,10 +2,11 @@
 
 Each item is one (volume, question): the cached model-input volume, the prompt, the answer and the box in
 model-input voxels (``frame.VolumeFrame.box_to_model``: ``boxes.scale_boxes`` from the loaded shape, mirrored
-with the volume when the config's ``canonical_side`` mirrors this knee, moved with it by ``recentre``, then moved by
-the training augmentation). The answer text always has the size of the ORIGINAL voxel grid (``orig_shape``), like
-the references the scorer uses, in the volume's frame (``VolumeFrame.text_to_model``); when augmentation moves the box, the answer's Location box is rewritten to the moved region mapped
-back to that grid. Samples of one volume read the same memory-mapped cache file.
+with the volume when the config's ``canonical_side`` mirrors this knee, moved with it by ``recentre``, then moved
+by the training augmentation). The answer text always has the size of the ORIGINAL voxel grid (``orig_shape``),
+like the references the scorer uses, in the volume's frame (``VolumeFrame.text_to_model``); when augmentation
+moves the box, the answer's Location box is rewritten to the moved region mapped back to that grid. Samples of
+one volume read the same memory-mapped cache file.
 
 With ``augment_per_volume`` (``train.volume_grouping`` > 1) training items come un-augmented and the batch's
 collator draws one augmentation per distinct volume (``VolumeAugment``), so questions about one volume in a batch

@@ -43,7 +43,8 @@ def centring_offset(centroid: Sequence[float], shape: Sequence[int]) -> tuple[in
     """Whole-voxel offset ``round(centre - centroid)`` per axis (``np.round``: halves to even) that moves
     ``centroid`` to within half a voxel of the grid centre ``(n - 1) / 2``."""
     centre = (np.asarray(shape[:3], dtype=np.float64) - 1) / 2
-    return tuple(int(v) for v in np.round(centre - np.asarray(centroid, dtype=np.float64)))  # type: ignore[return-value]
+    moved = np.round(centre - np.asarray(centroid, dtype=np.float64))
+    return tuple(int(v) for v in moved)  # type: ignore[return-value]
 
 
 def shift_array(arr: np.ndarray, offset: Sequence[int], fill: Any) -> np.ndarray:

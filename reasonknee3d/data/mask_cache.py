@@ -10,11 +10,10 @@ moved by the volume's whole-voxel offset (vacated voxels 0), so mask and volume 
 An entry is ``<volume_id>-<key>.npy`` (uint8 ``(S, H, W)``) plus ``.json`` metadata (the mask and image files,
 the loaded shape, whether it is mirrored, the largest label of the stored mask and the labels left at input
 size). The key hashes the settings that change the array (``input_shape``, ``canonical_side``, ``recentre`` when
-set) and the identity
-(resolved path, size, mtime) of the mask file and of its image file (whose header decides the axis order and whose
-name the knee side), so a changed setting or file gives a new entry instead of a stale one. Both files are
-written atomically, the ``.json`` last: an entry exists exactly when its ``.json`` does. The cache lives next to
-the volume cache, in ``<cache root>/masks``.
+set) and the identity (resolved path, size, mtime) of the mask file and of its image file (whose header decides
+the axis order and whose name the knee side), so a changed setting or file gives a new entry instead of a stale
+one. Both files are written atomically, the ``.json`` last: an entry exists exactly when its ``.json`` does. The
+cache lives next to the volume cache, in ``<cache root>/masks``.
 """
 from __future__ import annotations
 

@@ -120,7 +120,8 @@ class PreprocessConfig:
 
     def array_settings(self) -> dict[str, Any]:
         """The settings that determine the preprocessed array (JSON-serializable)."""
-        # An unset canonical_side / recentre is left out, so caches written before the field existed keep their keys.
+        # An unset canonical_side / recentre is left out, so caches written before the field existed keep their
+        # keys.
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
                 if k in self.ARRAY_FIELDS and not (k in self.OPTIONAL_ARRAY_FIELDS and v is None)}
 

@@ -10,8 +10,9 @@ rare grades up in the cross-entropy.
 Training runs through the project's trainer (``pretrain.py``: checkpoints, resume, multi-process). Besides the
 encoder folder the run writes ``OUT/region_heads.safetensors`` and ``OUT/region_heads.json`` (the heads, their
 grade lists and ROI mode), which the direct 3D classifier (``evaluation/classify.py``) loads. Volumes come from the
-same preprocessing cache as the 3D family's training (boxes carried into each volume's frame, ``data.frame.VolumeFrame``:
-scaled to the model input, mirrored and re-centred with the volume); there is no augmentation.
+same preprocessing cache as the 3D family's training (boxes carried into each volume's frame,
+``data.frame.VolumeFrame``: scaled to the model input, mirrored and re-centred with the volume); there is no
+augmentation.
 """
 from __future__ import annotations
 
