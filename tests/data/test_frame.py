@@ -244,3 +244,21 @@ def test_region_grade_rois_are_in_the_moved_frame(blob_release, tmp_path):
             assert roi == [int(v) for v in clip_boxes(by_hand + np.repeat(offset, 2), SHAPE)]
         moved += any(offset)
     assert moved > 0
+
+
+def test_segmentation_items_keep_mask_and_volume_aligned(blob_release, tmp_path, monkeypatch):
+    from reasonknee3d.training.segmentation import SegmentationDataset
+    cfg = PreprocessConfig(input_shape=SHAPE, canonical_side="right", cache_dir=str(tmp_path / "c"), **RECENTRE)
+    # the masks take the offset the volume cache recorded (the volume is not preprocessed a second time)
+    assert preprocess_release(blob_release.root, cfg, cache_dir=tmp_path / "c" / "volumes").ok
+    monkeypatch.setattr("reasonknee3d.data.mask_cache.preprocess_volume_frame",
+                        lambda *a, **k: pytest.fail("the mask cache recomputed the volume's offset"))
+    ds = SegmentationDataset(blob_release.root, "test", cfg)
+    assert len(ds) == len(blob_release.images)
+    moved = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        vol, mask = item["volume"][0].float().numpy(), item["mask"][0].numpy()
+        np.testing.assert_array_equal(mask > 0, vol > vol.min() + 1)
+        moved += any(ds.metas[i]["offset"])
+    assert moved > 0
