@@ -11,7 +11,7 @@ MONAI's box utilities use half-open corner boxes ``[a0, a1, a2, b0, b1, b2]`` (`
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -165,12 +165,16 @@ def mirror_boxes(boxes: BoxLike, shape: Sequence[int]) -> np.ndarray:
 _VOXEL_BOX_RE = re.compile(re.escape(BOX_START) + r"\s*\[([^\]]*)\]\s*" + re.escape(BOX_END))
 
 
-def mirror_text_boxes(text: str, shape: Sequence[int]) -> str:
-    """``text`` with every voxel-text box ``<|box_start|>[..]<|box_end|>`` mirrored along axis 0 of ``shape``.
+def shift_boxes(boxes: BoxLike, offset: Sequence[int]) -> np.ndarray:
+    """Boxes moved by the whole-voxel ``offset`` (one per array axis): index i on axis a becomes ``i + offset[a]``."""
+    b = as_boxes(boxes).copy()
+    b += np.repeat(np.asarray(offset, dtype=np.int64), 2)
+    return b
 
-    Maps answers into a side-canonical frame and predictions back (``data.transforms`` ``canonical_side``);
-    a span that is not six integers is left as it is, for the scorer to judge.
-    """
+
+def map_text_boxes(text: str, fn: Callable[[list[int]], Sequence[int]]) -> str:
+    """``text`` with every voxel-text box ``<|box_start|>[..]<|box_end|>`` replaced by ``fn(box)``; a span that is
+    not six integers is left as it is, for the scorer to judge."""
     def repl(m: re.Match) -> str:
         try:
             vals = [int(v) for v in m.group(1).split(",")]
@@ -178,8 +182,17 @@ def mirror_text_boxes(text: str, shape: Sequence[int]) -> str:
             return m.group(0)
         if len(vals) != 6:
             return m.group(0)
-        return f"{BOX_START}{[int(v) for v in mirror_boxes(vals, shape)]}{BOX_END}"
+        return f"{BOX_START}{[int(v) for v in fn(vals)]}{BOX_END}"
     return _VOXEL_BOX_RE.sub(repl, text)
+
+
+def mirror_text_boxes(text: str, shape: Sequence[int]) -> str:
+    """``text`` with every voxel-text box ``<|box_start|>[..]<|box_end|>`` mirrored along axis 0 of ``shape``.
+
+    Maps answers into a side-canonical frame and predictions back (``data.transforms`` ``canonical_side``);
+    a span that is not six integers is left as it is, for the scorer to judge.
+    """
+    return map_text_boxes(text, lambda vals: mirror_boxes(vals, shape))
 
 
 # --- quantization to K bins per axis ----------------------------------------------------------------

@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 import torch
 
 from grade_probe import roc_auc  # same folder
-from reasonknee3d.boxes import mirror_boxes, scale_boxes
 from reasonknee3d.data.cache import VolumeCache, preprocess_release
 from reasonknee3d.data.release import cache_root, iter_samples
 from reasonknee3d.evaluation.classify import load_region_classifier
@@ -39,11 +38,7 @@ def classifier_auc(model_dir: str, data_dir: str, split: str = "test") -> dict[s
     rows = collections.defaultdict(list)
     for path, group in by_volume.items():
         volume, meta = cache.read_tensor(path)
-        shape = tuple(volume.shape[1:])
-        boxes = []
-        for s in group:
-            box = scale_boxes(s.box, meta["orig_shape"], shape)
-            boxes.append([int(v) for v in (mirror_boxes(box, shape) if clf.prep.mirrors(path, s.knee_side) else box)])
+        boxes = [cache.frame(path, meta, s.knee_side).box_to_model(s.box) for s in group]
         pooled = clf.model.roi_features(volume[None].float(), [0] * len(group), boxes)
         for s, feature in zip(group, pooled):
             spec = get_question(s.question_id)

@@ -27,21 +27,12 @@ import numpy as np
 
 from reasonknee3d.boxes import iou_3d
 from reasonknee3d.constants import AXIS_NAMES
+from reasonknee3d.data.frame import intensity_centroid
 from reasonknee3d.data.io import load_volume
 from reasonknee3d.data.release import Sample, iter_samples
 from reasonknee3d.evaluation.metrics import majority_boxes
 
 AXIS_SETS = ((), (0,), (1,), (2,), (0, 1, 2))
-
-
-def intensity_centroid(volume: np.ndarray) -> np.ndarray:
-    """``(3,)`` intensity-weighted mean voxel index of a volume, intensities clipped to [0, 99.5th percentile]."""
-    v = np.clip(np.asarray(volume, dtype=np.float64), 0, np.percentile(volume, 99.5))
-    total = v.sum()
-    if total <= 0:
-        raise ValueError("a volume without positive intensities has no centroid")
-    return np.array([(np.arange(n) * v.sum(axis=tuple(a for a in range(3) if a != axis))).sum() / total
-                     for axis, n in enumerate(v.shape)])
 
 
 def _group(s: Sample) -> tuple[int, str]:

@@ -1,11 +1,12 @@
 """Preprocessed-volume cache: each release volume is preprocessed once and training reads only the cache.
 
 An entry is ``<volume_id>-<key>.npy`` (float16 ``(S, H, W)`` at ``cfg.input_shape``) plus ``.json``
-metadata (source, loaded shape, spacing, settings). The key hashes the settings that change the array
-(``PreprocessConfig.array_settings``), the resolved source path and the source's size and mtime, so
-changing either preprocessing or the file gives a new entry instead of a stale one. Both files are written
-atomically and the ``.json`` last, so an entry exists exactly when its ``.json`` does. Arrays are opened
-with ``np.load(mmap_mode="r")``: samples of one volume share one file and the OS page cache.
+metadata (source, loaded shape, spacing, settings, and with ``data.recentre`` the whole-voxel ``offset`` the
+volume was moved by; ``VolumeCache.frame`` turns it into the volume's ``VolumeFrame``). The key hashes the
+settings that change the array (``PreprocessConfig.array_settings``), the resolved source path and the source's
+size and mtime, so changing either preprocessing or the file gives a new entry instead of a stale one. Both files
+are written atomically and the ``.json`` last, so an entry exists exactly when its ``.json`` does. Arrays are
+opened with ``np.load(mmap_mode="r")``: samples of one volume share one file and the OS page cache.
 """
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
 
 from ..io_utils import atomic_open, write_json
 from .io import VolumeError
 from .release import BatchResult, ReleaseError, ReleaseLoader, Skipped, cache_root, volume_id_of, write_skipped
-from .transforms import PreprocessConfig, preprocess_volume
+from .frame import VolumeFrame
+from .transforms import PreprocessConfig, preprocess_volume, preprocess_volume_frame
 
 if TYPE_CHECKING:
     import torch
@@ -68,13 +70,15 @@ class VolumeCache:
     def put(self, image_path: str | Path) -> Path:
         """Preprocess one volume and write its entry (array first, metadata last); returns the array path."""
         arr_path, meta_path = self.paths(image_path)
-        arr, orig_shape = preprocess_volume(image_path, self.cfg)
+        arr, frame = preprocess_volume_frame(image_path, self.cfg)
         with atomic_open(arr_path, "wb") as fh:
             np.save(fh, arr.astype(np.float16))
+        meta = {"source": str(Path(image_path).resolve()), "orig_shape": list(frame.stored_shape),
+                "input_shape": list(arr.shape), "settings": self.cfg.array_settings(), "version": CACHE_VERSION}
+        if self.cfg.recentre is not None:
+            meta["offset"] = list(frame.offset)  # model voxels the volume was moved by (VolumeFrame.offset)
         try:
-            write_json(meta_path, {"source": str(Path(image_path).resolve()), "orig_shape": list(orig_shape),
-                                   "input_shape": list(arr.shape), "settings": self.cfg.array_settings(),
-                                   "version": CACHE_VERSION})
+            write_json(meta_path, meta)
         except BaseException:
             arr_path.unlink(missing_ok=True)  # an array without metadata is not an entry
             raise
@@ -90,6 +94,11 @@ class VolumeCache:
                                 f"{self.cfg.array_settings()}; run `reasonknee3d preprocess` first")
             meta = self._meta[meta_path] = json.loads(meta_path.read_text(encoding="utf-8"))
         return np.load(arr_path, mmap_mode="r"), meta
+
+    def frame(self, image_path: str | Path, meta: dict[str, Any], knee_side: Optional[str] = None) -> VolumeFrame:
+        """The ``VolumeFrame`` of a cached volume from its metadata (``load`` / ``read_tensor``): stored and model
+        shapes, whether it is mirrored (knee side ``knee_side``, else from the file name) and its offset."""
+        return VolumeFrame.from_meta(meta, self.cfg.mirrors(image_path, knee_side))
 
     def read_tensor(self, image_path: str | Path) -> tuple["torch.Tensor", dict[str, Any]]:
         """One volume as an in-memory ``(1, S, H, W)`` float16 tensor (the cache's dtype) and its metadata.

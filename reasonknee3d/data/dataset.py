@@ -1,11 +1,12 @@
 """Torch ``Dataset`` of release samples over the preprocessed-volume cache (it never opens a NIfTI).
 
 Each item is one (volume, question): the cached model-input volume, the prompt, the answer and the box in
-model-input voxels (``boxes.scale_boxes`` from the loaded shape, mirrored with the volume when the config's
-``canonical_side`` mirrors this knee, then moved by the training augmentation).
-The answer text always refers to the ORIGINAL voxel grid (``orig_shape``), like the references the scorer
-uses; when augmentation moves the box, the answer's Location box is rewritten to the moved region mapped
-back to that grid. Samples of one volume read the same memory-mapped cache file.
+model-input voxels (``frame.VolumeFrame.box_to_model``: ``boxes.scale_boxes`` from the loaded shape, mirrored
+with the volume when the config's ``canonical_side`` mirrors this knee, moved with it by ``recentre``, then moved
+by the training augmentation). The answer text always has the size of the ORIGINAL voxel grid (``orig_shape``),
+like the references the scorer uses, in the volume's frame (``VolumeFrame.text_to_model``); when augmentation
+moves the box, the answer's Location box is rewritten to the moved region mapped back to that grid. Samples of
+one volume read the same memory-mapped cache file.
 
 With ``augment_per_volume`` (``train.volume_grouping`` > 1) training items come un-augmented and the batch's
 collator draws one augmentation per distinct volume (``VolumeAugment``), so questions about one volume in a batch
@@ -19,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..boxes import box_to_text, mirror_boxes, mirror_text_boxes, scale_boxes
+from ..boxes import box_to_text, scale_boxes
 from ..constants import BOX_END, BOX_START
 from .cache import VolumeCache
 from .release import Sample
@@ -70,14 +71,12 @@ class VolumeQADataset(Dataset):
         volume, meta = self.cache.read_tensor(s.image_path)  # (1, S, H, W) float16
         orig_shape = tuple(int(v) for v in meta["orig_shape"])
         input_shape = tuple(volume.shape[1:])
-        box = None if s.box is None else [int(v) for v in scale_boxes(s.box, orig_shape, input_shape)]
-        answer = s.answer
-        # The cache holds knees of the non-canonical side mirrored (PreprocessConfig.canonical_side): mirror
-        # the box and the answer's Location box with them (predict mirrors generated boxes back).
-        mirrored = self.cache.cfg.mirrors(s.image_path, s.knee_side)
-        if mirrored:
-            box = None if box is None else [int(v) for v in mirror_boxes(box, input_shape)]
-            answer = mirror_text_boxes(answer, orig_shape)
+        # The cache holds each volume in its model frame (PreprocessConfig.canonical_side mirrors knees of the
+        # other side, recentre moves them onto their centroid): the box and the answer's Location box move with
+        # it (predict moves generated boxes back).
+        frame = self.cache.frame(s.image_path, meta, s.knee_side)
+        box = None if s.box is None else frame.box_to_model(s.box)
+        answer = frame.text_to_model(s.answer)
         if self.augment is not None:
             self._seed_augment()
             out = self.augment({"image": volume.float(), "box": box})
@@ -87,7 +86,7 @@ class VolumeQADataset(Dataset):
                 answer = move_answer_box(answer, box, input_shape, orig_shape)
         return {"volume": volume, "prompt": s.prompt, "answer": answer, "box": box,
                 "question_id": s.question_id, "sample_id": s.sample_id, "orig_shape": orig_shape,
-                "mirrored": mirrored, "image_path": str(s.image_path)}
+                "mirrored": frame.mirrored, "frame": frame, "image_path": str(s.image_path)}
 
 
 class VolumeAugment:

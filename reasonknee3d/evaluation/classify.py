@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..answer import format_answer
-from ..boxes import clip_boxes, mirror_boxes, scale_boxes
+from ..boxes import clip_boxes
 from ..data.release import Skipped, write_skipped
 from ..models.reasonknee3d.region_heads import RegionGradeModel, head_key, is_region_grades_dir
 from ..parsing import parse_output
@@ -214,15 +214,13 @@ def classify(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: s
                 row = len(tensors)
                 tensors.append(volume)
                 orig_shape = tuple(int(v) for v in meta["orig_shape"])
-                input_shape = tuple(volume.shape[1:])
                 for s in by_volume[image_path]:
                     box, source = _box_for(s, use_reference, parsed, medians)
                     model_box = None
                     if box is not None:
                         box = [int(v) for v in clip_boxes(box, orig_shape)]  # a written box may leave the volume
-                        model_box = [int(v) for v in scale_boxes(box, orig_shape, input_shape)]
-                        if clf.prep.mirrors(s.image_path, s.knee_side):
-                            model_box = [int(v) for v in mirror_boxes(model_box, input_shape)]
+                        # Into the cached volume's frame (mirror, recentre offset).
+                        model_box = cache.frame(s.image_path, meta, s.knee_side).box_to_model(box)
                     rois.append((row, model_box))
                     specs.append(get_question(s.question_id))
                     rows.append((s, box, source))

@@ -2,7 +2,7 @@
 
 ``predict``, ``infer`` and the local zero-shot runner all call ``generate_answers``; only how the batch is
 made differs. Boxes in the returned texts are voxel indices of each source volume as the model saw it (the
-caller mirrors them back for volumes seen mirrored).
+caller moves them back, ``data.frame.VolumeFrame.text_to_stored``, for volumes seen mirrored or re-centred).
 """
 from __future__ import annotations
 

@@ -32,11 +32,11 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     """Answer question ``question_id`` about the NIfTI ``volume`` with the model in ``model_dir``.
 
     ``knee_side`` ('left' / 'right') is needed only when the model was trained with a ``canonical_side`` and the
-    file name does not end in ``_left`` / ``_right``; boxes come back in the stored volume's voxels.
+    file name does not end in ``_left`` / ``_right``; boxes come back in the stored volume's voxels (also when the
+    model was trained with ``data.recentre``).
     ``box_decoding``: how constrained decoding picks box coordinates (``constants.BOX_DECODINGS``).
     """
     from ..attention import select_attn_implementation
-    from ..boxes import mirror_text_boxes
     from ..data.io import load_volume
     from ..families import family_of_model_dir
     from ..prompts import question_prompt
@@ -56,13 +56,13 @@ def infer(model_dir: str | os.PathLike, volume: str | os.PathLike, question_id: 
     family = family_of_model_dir(model_dir)
     model, processor = family.load(model_dir, select_attn_implementation("auto"))
     model.eval()
-    batch, mirrored = family.file_batch(model, processor, volume, prompt or question_prompt(spec), knee_side)
+    batch, frame = family.file_batch(model, processor, volume, prompt or question_prompt(spec), knee_side)
     text = generate_answers(model, processor, family, batch, [question_id], [meta.shape], True,
                             constrained=constrained, max_new_tokens=max_new_tokens, box_decoding=box_decoding)[0]
     # An untrained or briefly trained model can pad lines with runs of spaces; they carry nothing.
     text = "\n".join(line.rstrip() for line in text.strip().splitlines())
-    if mirrored:  # the model saw this knee in the canonical side's frame
-        text = mirror_text_boxes(text, meta.shape)
+    if frame is not None:  # the model saw this knee mirrored (canonical_side) or moved (recentre)
+        text = frame.text_to_stored(text)
     parsed = parse_output(text, spec)
     out_png = None
     if png is not None:

@@ -17,18 +17,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..attention import select_attn_implementation
-from ..boxes import mirror_text_boxes
 from ..constants import BOX_DECODINGS, DEFAULT_BOX_DECODING
 from ..data.release import Skipped, write_skipped
 from .generate import generate_answers
 from .predictions_io import PredictionWriter
+
+if TYPE_CHECKING:
+    from ..families.registry import SampleInfo
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +150,12 @@ def skipped_summary(skipped: Sequence[Skipped], examples: int = 3) -> list[str]:
     return lines
 
 
+def stored_frame_text(text: str, info: "SampleInfo") -> str:
+    """A generated answer with its boxes back in the stored volume's voxels: volumes the model saw in another frame
+    (mirrored by ``canonical_side``, moved by ``recentre``; ``info.frame``) have their boxes moved back."""
+    return text if info.frame is None else info.frame.text_to_stored(text)
+
+
 @torch.no_grad()
 def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
             batch_size: int = 4, limit: Optional[int] = None, constrained: bool = True, max_new_tokens: int = 512,
@@ -199,8 +207,7 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
                                      [info.orig_shape for info in infos], [info.has_box for info in infos],
                                      constrained=constrained, max_new_tokens=max_new_tokens,
                                      box_decoding=box_decoding)
-            # Boxes of volumes the model saw mirrored (canonical_side) go back to the stored volume's voxels.
-            texts = [mirror_text_boxes(t, info.orig_shape) if info.mirrored else t for t, info in zip(texts, infos)]
+            texts = [stored_frame_text(t, info) for t, info in zip(texts, infos)]
             for info, text in zip(infos, texts):
                 written += writer.write({"sample_id": info.sample_id, "question_id": info.question_id,
                                          "output": text})

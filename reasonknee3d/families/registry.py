@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
+from ..data.frame import VolumeFrame
 from ..data.transforms import PreprocessConfig
 
 if TYPE_CHECKING:
@@ -144,9 +145,10 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def file_batch(self, model: nn.Module, processor: Any, volume_path: str | Path, prompt: str,
-                   knee_side: Optional[str] = None) -> tuple[dict[str, Any], bool]:
-        """(one-sample generation batch from a NIfTI file, whether the model sees it mirrored), for ``infer``:
-        the volume is read and prepared as the model was trained, without any cache."""
+                   knee_side: Optional[str] = None) -> tuple[dict[str, Any], Optional[VolumeFrame]]:
+        """(one-sample generation batch from a NIfTI file, the volume's model frame or None when the model sees it
+        as stored), for ``infer``: the volume is read and prepared as the model was trained, without any cache;
+        ``frame.text_to_stored`` takes the generated boxes back to the stored voxels."""
 
     @abc.abstractmethod
     def example_batch(self, model: nn.Module, processor: Any, volume: Any, prompt: str, answer: str) -> dict[str, Any]:
@@ -163,8 +165,14 @@ class SampleInfo:
     orig_shape: tuple[int, int, int]
     has_box: bool
     """Whether the question asks for a region (its reference answer has a Location line)."""
-    mirrored: bool = False
-    """The model saw this volume mirrored along axis 0 (``canonical_side``): its boxes are mirrored back."""
+    frame: Optional[VolumeFrame] = None
+    """The volume's model frame (``data.frame.VolumeFrame``: mirrored into ``canonical_side``, moved by ``recentre``);
+    the boxes the model writes go back to the stored voxels through it. None: the volume was seen as stored."""
+
+    @property
+    def mirrored(self) -> bool:
+        """The model saw this volume mirrored along axis 0 (``canonical_side``)."""
+        return self.frame is not None and self.frame.mirrored
 
 
 class Items(Dataset):

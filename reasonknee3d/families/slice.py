@@ -35,6 +35,9 @@ class SliceFamily(Family):
         if exp.data.canonical_side is not None:
             raise ConfigError("data.canonical_side: the slice baseline reads volumes as stored (its frame and "
                               "feature caches do not mirror); leave it unset for family slice")
+        if exp.data.recentre is not None:
+            raise ConfigError("data.recentre: the slice baseline reads volumes as stored (its frame and feature "
+                              "caches do not move them); leave it unset for family slice")
         # Cached features fix the vision tower and its merger.
         for role in ("encoder", "projector"):
             if getattr(exp.train, role) != "frozen":
@@ -133,12 +136,12 @@ class SliceFamily(Family):
         return int((out["input_ids"] == processor.tokenizer.convert_tokens_to_ids(VIDEO_PAD)).sum())
 
     def file_batch(self, model: nn.Module, processor: Any, volume_path: str | Path, prompt: str,
-                   knee_side: Optional[str] = None) -> tuple[dict[str, Any], bool]:
+                   knee_side: Optional[str] = None) -> tuple[dict[str, Any], None]:
         from ..models.slice.modeling_slice import slice_config_of
         from ..models.slice.processing_slice import SliceCollator
         sample = _FileSample(f"{Path(volume_path).name}", Path(volume_path), 0, prompt, None)
         batch, _ = SliceCollator(processor, slice_config_of(model), None, train=False).collate([sample])
-        return batch, False  # the slice baseline reads volumes as stored
+        return batch, None  # the slice baseline reads volumes as stored
 
     def example_batch(self, model: nn.Module, processor: Any, volume: Any, prompt: str, answer: str) -> dict[str, Any]:
         from ..data.release import Sample

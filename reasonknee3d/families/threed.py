@@ -15,6 +15,7 @@ from .registry import Collate, Family, PredictCollate, SampleInfo, register_fami
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
+    from ..data.frame import VolumeFrame
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class ReasonKnee3DFamily(Family):
 
         def collate(items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[SampleInfo]]:
             infos = [SampleInfo(it["sample_id"], int(it["question_id"]), tuple(it["orig_shape"]),
-                                it["box"] is not None, bool(it["mirrored"])) for it in items]
+                                it["box"] is not None, it["frame"]) for it in items]
             return batcher(items), infos
         return self._dataset(data_dir, split, prep, train=False), collate
 
@@ -138,12 +139,11 @@ class ReasonKnee3DFamily(Family):
         return int((ids == tokenizer.convert_tokens_to_ids(VOLUME_PAD)).sum())
 
     def file_batch(self, model: nn.Module, processor: Any, volume_path: str | Path, prompt: str,
-                   knee_side: Optional[str] = None) -> tuple[dict[str, Any], bool]:
-        from ..data.transforms import preprocess_volume
-        prep = processor.preprocess_config()
-        model_input, orig_shape = preprocess_volume(volume_path, prep, knee_side)
-        batch = dict(processor([model_input], [prompt], orig_shapes=[orig_shape]))
-        return batch, prep.mirrors(volume_path, knee_side)
+                   knee_side: Optional[str] = None) -> tuple[dict[str, Any], Optional["VolumeFrame"]]:
+        from ..data.transforms import preprocess_volume_frame
+        model_input, frame = preprocess_volume_frame(volume_path, processor.preprocess_config(), knee_side)
+        batch = dict(processor([model_input], [prompt], orig_shapes=[frame.stored_shape]))
+        return batch, frame
 
     def example_batch(self, model: nn.Module, processor: Any, volume: Any, prompt: str, answer: str) -> dict[str, Any]:
         # ``volume`` is at the model's input size; z-scored as the default preprocessing leaves it.

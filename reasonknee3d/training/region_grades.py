@@ -10,8 +10,9 @@ rare grades up in the cross-entropy.
 Training runs through the project's trainer (``pretrain.py``: checkpoints, resume, multi-process). Besides the
 encoder folder the run writes ``OUT/region_heads.safetensors`` and ``OUT/region_heads.json`` (the heads, their
 grade lists and ROI mode), which the direct 3D classifier (``evaluation/classify.py``) loads. Volumes come from the
-same preprocessing cache as the 3D family's training (boxes scaled to the model input and mirrored with the volume
-under ``data.canonical_side``); there is no augmentation.
+same preprocessing cache as the 3D family's training (boxes carried into each volume's frame,
+``data.frame.VolumeFrame``: scaled to the model input, mirrored and re-centred with the volume); there is no
+augmentation.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..boxes import mirror_boxes, scale_boxes
 from ..config import ConfigError
 from ..io_utils import atomic_path, write_json
 from ..models.reasonknee3d.region_heads import (HEADS_FILE, HEADS_WEIGHTS, RegionGradeModel, grade_class_weights,
@@ -80,14 +80,10 @@ class RegionGradeDataset(Dataset):
             # Python's RNG: seeded by transformers.set_seed, and per DataLoader worker by torch.
             group = random.sample(group, self.rois_per_volume)
         volume, meta = self.cache.read_tensor(self.volumes[index])  # (1, S, H, W) float16
-        orig_shape = tuple(int(v) for v in meta["orig_shape"])
-        input_shape = tuple(volume.shape[1:])
-        mirrored = self.cache.cfg.mirrors(group[0].image_path, group[0].knee_side)
+        frame = self.cache.frame(group[0].image_path, meta, group[0].knee_side)  # mirror / recentre offset
         rois, targets = [], []
         for s in group:
-            box = [int(v) for v in scale_boxes(s.box, orig_shape, input_shape)]
-            if mirrored:
-                box = [int(v) for v in mirror_boxes(box, input_shape)]
+            box = frame.box_to_model(s.box)
             spec = self.schema[s.question_id]
             for key, grade in s.severity.items():
                 head = head_key(spec.category, key)

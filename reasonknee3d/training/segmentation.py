@@ -80,7 +80,10 @@ class SegmentationDataset(Dataset):
                                                     f"preprocess_skipped.jsonl there)"))
                 continue
             try:
-                meta = self.mask_cache.ensure(rec.image_path, rec.mask_path)  # type: ignore[arg-type]
+                # With data.recentre the mask moves by its volume's offset, read from the volume's cache entry.
+                offset = (self.volume_cache.load(rec.image_path)[1].get("offset") if prep.recentre is not None
+                          else None)
+                meta = self.mask_cache.ensure(rec.image_path, rec.mask_path, offset)  # type: ignore[arg-type]
             except (VolumeError, ReleaseError, CacheMiss) as e:
                 no_mask += 1
                 self.skipped.append((rec.volume_id, f"unusable mask: {e}"))

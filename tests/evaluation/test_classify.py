@@ -278,3 +278,43 @@ def test_classifier_auc_script_counts_the_split_and_ranks_by_the_heads(trained, 
     monkeypatch.setattr(module, "load_region_classifier", load)
     mixed = [r for r in module.classifier_auc(str(rg), str(release)).values() if 0 < r["abnormal"] < r["n"]]
     assert mixed and all(r["auc"] == pytest.approx(1.0) for r in mixed)
+
+
+def test_recentred_preprocessing_grades_the_boxes_in_the_moved_frame(trained, tmp_path, monkeypatch) -> None:
+    """With data.recentre the rois go into each cached volume's moved (and mirrored) frame; the written boxes stay
+    the stored reference boxes."""
+    import dataclasses
+
+    import numpy as np
+
+    from reasonknee3d.boxes import clip_boxes
+    from reasonknee3d.evaluation import classify as classify_module
+    release, rg = trained
+    real = classify_module.load_region_classifier
+    seen = []
+
+    def recentred(*args, **kwargs):
+        clf = real(*args, **kwargs)
+        clf.prep = dataclasses.replace(clf.prep, recentre="centroid", cache_dir=str(tmp_path / "cache"))
+        grade = clf.grade
+        clf.grade = lambda volumes, rois, specs: seen.extend(rois) or grade(volumes, rois, specs)
+        return clf
+    monkeypatch.setattr(classify_module, "load_region_classifier", recentred)
+    out = tmp_path / "p.jsonl"
+    result = classify(rg, release, "test", out, batch_size=2, cache_dir=tmp_path / "cache")
+    samples = list(iter_samples(release, "test"))
+    assert result.n_written == len(samples) and len(seen) == len(samples)
+    rows = {r["sample_id"]: r for r in read_predictions(out)}
+    prep = dataclasses.replace(real(rg).prep, recentre="centroid", cache_dir=str(tmp_path / "cache"))
+    cache = VolumeCache(tmp_path / "cache" / "volumes", prep)
+    model_boxes = [roi for _, roi in seen]
+    moved = 0
+    for s in samples:
+        assert parse_output(rows[s.sample_id]["output"], get_question(s.question_id)).box == s.box
+        if s.box is None:
+            continue
+        offset = cache.load(s.image_path)[1]["offset"]
+        box = mirror_boxes(s.box, SHAPE) if prep.mirrors(s.image_path, s.knee_side) else np.asarray(s.box)
+        assert [int(v) for v in clip_boxes(box + np.repeat(offset, 2), SHAPE)] in model_boxes
+        moved += any(offset)
+    assert moved > 0

@@ -22,6 +22,7 @@ from ...constants import VISION_END, VISION_START, VOLUME_PAD
 from ..chat import decode_answer, encode_example, pad_examples
 
 if TYPE_CHECKING:
+    from ...data.frame import VolumeFrame
     from ...data.transforms import PreprocessConfig
 
 Shape = tuple[int, int, int]
@@ -110,29 +111,52 @@ class ReasonKnee3DProcessor(ProcessorMixin):
 
     def mirrors(self, volume: VolumeInput) -> bool:
         """Whether loading ``volume`` mirrors it (a path of the non-canonical knee side when the saved
-        preprocessing has ``canonical_side``); pass the flags to ``batch_decode(mirrored=...)``. Arrays are
-        taken as given."""
+        preprocessing has ``canonical_side``); pass the flags to ``batch_decode(mirrored=...)``, or use ``frame``,
+        which also knows ``recentre``. Arrays are taken as given."""
         if not isinstance(volume, (str, Path)) or not self.preprocess.get("canonical_side"):
             return False
         return self.preprocess_config().mirrors(volume)
 
+    def frame(self, volume: VolumeInput) -> Optional["VolumeFrame"]:
+        """The model frame loading ``volume`` puts it in (``data.frame.VolumeFrame``: a path mirrored by the saved
+        ``canonical_side``, moved by ``recentre``), or None when its boxes need no mapping (arrays are taken as given;
+        preprocessing that neither mirrors nor moves). Pass the frames to ``batch_decode(frames=...)``. With
+        ``recentre`` the path is preprocessed to find its offset."""
+        if not isinstance(volume, (str, Path)) or not (self.preprocess.get("canonical_side")
+                                                       or self.preprocess.get("recentre")):
+            return None
+        from ...data.frame import VolumeFrame
+        cfg = self.preprocess_config()
+        if cfg.recentre is not None:
+            from ...data.transforms import preprocess_volume_frame
+            return preprocess_volume_frame(volume, cfg)[1]
+        from ...data.io import inspect_volume
+        return VolumeFrame(tuple(inspect_volume(volume).shape), tuple(self.volume_size), cfg.mirrors(volume))
+
     def batch_decode(self, sequences: torch.Tensor | Sequence[Sequence[int]],
                      orig_shapes: Optional[Sequence[Sequence[int]]] = None,
-                     mirrored: Optional[Sequence[bool]] = None) -> list[str]:
+                     mirrored: Optional[Sequence[bool]] = None,
+                     frames: Optional[Sequence[Optional["VolumeFrame"]]] = None) -> list[str]:
         """Generated ids (prompt removed) -> answer texts with voxel boxes of each ``orig_shape``.
 
         Text stops at the first ``<|im_end|>`` / ``<|endoftext|>``; coordinate-token boxes become
         ``<|box_start|>[a0_min, ...]<|box_end|>`` in the original volume (default: ``volume_size``).
-        Rows flagged in ``mirrored`` (``self.mirrors`` of their input) get their boxes mirrored back.
+        Rows flagged in ``mirrored`` (``self.mirrors`` of their input) get their boxes mirrored back; rows with a
+        frame in ``frames`` (``self.frame`` of their input) get their boxes moved back to the stored voxels
+        (``VolumeFrame.text_to_stored``). Give one of the two.
         """
         shapes = orig_shapes or [self.volume_size] * len(sequences)
         flags = list(mirrored) if mirrored is not None else [False] * len(sequences)
-        if len(shapes) != len(sequences) or len(flags) != len(sequences):
-            raise ValueError(f"{len(sequences)} sequences but {len(shapes)} orig_shapes and {len(flags)} "
-                             "mirrored flags")
+        if mirrored is not None and frames is not None:
+            raise ValueError("batch_decode: give mirrored or frames, not both (a frame knows whether it mirrors)")
+        row_frames = list(frames) if frames is not None else [None] * len(sequences)
+        if len(shapes) != len(sequences) or len(flags) != len(sequences) or len(row_frames) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(shapes)} orig_shapes, {len(flags)} "
+                             f"mirrored flags and {len(row_frames)} frames")
         texts = [coord_tokens_to_text(decode_answer(self.tokenizer, [int(t) for t in seq]), shape, self.num_bins)
                  for seq, shape in zip(sequences, shapes)]
-        return [mirror_text_boxes(t, shape) if flag else t for t, shape, flag in zip(texts, shapes, flags)]
+        texts = [mirror_text_boxes(t, shape) if flag else t for t, shape, flag in zip(texts, shapes, flags)]
+        return [t if f is None else f.text_to_stored(t) for t, f in zip(texts, row_frames)]
 
     def decode(self, sequence: torch.Tensor | Sequence[int], orig_shape: Optional[Sequence[int]] = None) -> str:
         return self.batch_decode([sequence], None if orig_shape is None else [orig_shape])[0]
