@@ -11,24 +11,16 @@ from reasonknee3d.data.release import ReleaseError
 from reasonknee3d.data.synth import write_synthetic_release
 from reasonknee3d.evaluation.infer import infer
 from reasonknee3d.evaluation.predict import predict
-from reasonknee3d.models import save_model_dir
-from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import build_reasonknee3d
 from reasonknee3d.families.threed import ReasonKnee3DFamily
 
 SHAPE = (16, 32, 32)
 BOX = "<|box_start|>[1, 4, 5, 9, 10, 12]<|box_end|>"
 
 
-def test_generated_boxes_of_mirrored_knees_are_mirrored_back(tmp_path: Path, monkeypatch) -> None:
+def test_generated_boxes_of_mirrored_knees_are_mirrored_back(tmp_path: Path, monkeypatch, tiny_3d_model_dir) -> None:
     release = tmp_path / "release"
     write_synthetic_release(release, n_volumes=6, shape=SHAPE, seed=0, questions=[1])
-    model, processor = build_reasonknee3d(
-        {"language_model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "bpe_vocab_size": 300}},
-         "encoder": {"patch_size": [4, 8, 8], "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "intermediate_size": 32},
-         "projector": {"projector_type": "pool3d_mlp", "pool_kernel": [1, 2, 2]}, "num_bins": 32},
-        {"input_shape": list(SHAPE), "canonical_side": "right"})
-    model_dir = save_model_dir(model, processor, tmp_path / "model")
+    model_dir = tiny_3d_model_dir(tmp_path / "model", {"input_shape": list(SHAPE), "canonical_side": "right"})
     # Whatever the tiny model generates, decode returns one fixed box (in the frame the model saw).
     monkeypatch.setattr(ReasonKnee3DFamily, "decode",
                         lambda self, m, p, generated, shapes: [f"Location: {BOX}"] * len(shapes))

@@ -20,8 +20,6 @@ from reasonknee3d.evaluation.predict import predict, stored_frame_text
 from reasonknee3d.families import load_experiment_config
 from reasonknee3d.families.registry import SampleInfo
 from reasonknee3d.families.threed import ReasonKnee3DFamily
-from reasonknee3d.models import save_model_dir
-from reasonknee3d.models.reasonknee3d.modeling_reasonknee3d import build_reasonknee3d
 
 SHAPE = (16, 32, 32)
 MODEL_BOX = [6, 9, 12, 18, 10, 14]
@@ -35,17 +33,12 @@ def _stored_by_hand(box, frame: VolumeFrame) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def recentred(tmp_path_factory):
+def recentred(tmp_path_factory, tiny_3d_model_dir):
     tmp = tmp_path_factory.mktemp("recentre")
     release = tmp / "release"
     write_synthetic_release(release, n_volumes=6, shape=SHAPE, seed=0, questions=[1])
-    model, processor = build_reasonknee3d(
-        {"language_model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "bpe_vocab_size": 300}},
-         "encoder": {"patch_size": [4, 8, 8], "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "intermediate_size": 32},
-         "projector": {"projector_type": "pool3d_mlp", "pool_kernel": [1, 2, 2]}, "num_bins": 32},
-        {"input_shape": list(SHAPE), "canonical_side": "right", "recentre": "centroid"})
-    return release, save_model_dir(model, processor, tmp / "model")
+    return release, tiny_3d_model_dir(tmp / "model", {"input_shape": list(SHAPE), "canonical_side": "right",
+                                                           "recentre": "centroid"})
 
 
 def test_predict_and_infer_write_boxes_back_in_stored_voxels(recentred, tmp_path, monkeypatch):
