@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import sys
 import traceback
+import types
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -277,7 +278,16 @@ class PlotWorker:
         ctx = mp.get_context("fork" if fork_ok else "spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_plot_worker, args=(child,), name="reasonknee3d-plots", daemon=True)
-        self._proc.start()
+        # A spawned child re-runs the caller's main script before it starts the target, unless the script guards
+        # its top level with `if __name__ == "__main__":`. A plain script that scores (or runs the demo) would
+        # then run a second time in the child, writing into the same folders. The worker needs nothing from the
+        # main module (its target lives here), so the child is started with an empty one.
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            self._proc.start()
+        finally:
+            sys.modules["__main__"] = main
         child.close()
 
     def submit(self, out_dir: Path, report: dict, iou: np.ndarray, majority_iou: np.ndarray) -> None:

@@ -64,6 +64,33 @@ def test_plot_worker_draws_in_a_child_and_reports_failures(tmp_path: Path) -> No
         pass  # never given a job: leaving the block stops the child
 
 
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
+    """The plotting child is spawned once torch is loaded; spawn re-runs the caller's main script unless it is
+    guarded, and a plain script that scores would then run twice (once in the child, into the same folders)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text(f"""
+import torch  # the worker is spawned, not forked, once torch is loaded
+from pathlib import Path
+from reasonknee3d.evaluation.report import PlotWorker
+from reasonknee3d.evaluation.score import Reference, score_predictions
+out = Path({str(tmp_path)!r})
+with open(out / "runs.txt", "a") as f:
+    f.write("ran\\n")
+result = score_predictions({OUTPUTS!r}, [Reference("a", 30, {{"grade": 2}}, [0, 9, 0, 9, 0, 9])])
+with PlotWorker() as worker:
+    worker.submit(out / "plots", result.report, result.iou, result.majority_iou)
+    print(len(worker.result()))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["3"]
+    assert (tmp_path / "runs.txt").read_text() == "ran\n"  # not a second time in the child
+
+
 def test_per_category_panels_keep_their_x_tick_labels_apart() -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
