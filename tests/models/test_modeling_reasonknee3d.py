@@ -143,6 +143,36 @@ def test_from_qwen2_5_vl_copies_the_language_model_exactly(tiny_qwen_dir):
     assert model.get_input_embeddings().weight.shape[0] >= len(tok)
 
 
+def test_from_qwen2_5_vl_does_not_randomly_initialize_what_it_copies(tiny_qwen_dir, monkeypatch):
+    # At Qwen2.5-VL-3B's size the language model's random init, thrown away by the copy, was most of a build.
+    drawn = []
+    for name in ("normal_", "uniform_", "trunc_normal_"):
+        if hasattr(torch.Tensor, name):
+            original = getattr(torch.Tensor, name)
+            def counting(self, *args, _original=original, **kwargs):
+                drawn.append(self.numel())
+                return _original(self, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counting)
+    model, processor = ReasonKnee3DForConditionalGeneration.from_qwen2_5_vl(
+        tiny_qwen_dir, encoder_config={"input_size": [8, 16, 16], "patch_size": [2, 8, 8], "hidden_size": 16,
+                                       "num_attention_heads": 2, "intermediate_size": 32},
+        num_bins=16, attn_implementation="sdpa")
+    monkeypatch.undo()
+    from transformers import Qwen2_5_VLConfig
+    lm = model.model.language_model
+    embed = model.get_input_embeddings().weight
+    copied_rows = Qwen2_5_VLConfig.from_pretrained(tiny_qwen_dir).text_config.vocab_size
+    fresh = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.language_model."))
+    # What is drawn: the parts built fresh (encoder, projector; each drawn by torch's default init and again by
+    # post_init) and the embedding rows the checkpoint lacks, never the copied language model (before: every
+    # tensor of it twice, and the tied head twice more).
+    assert sum(drawn) <= 2 * fresh + embed[copied_rows:].numel(), sorted(drawn)
+    assert all(torch.isfinite(p).all() for p in lm.parameters())
+    grown = embed[len(processor.tokenizer):]  # spare rows past the tokenizer, if the vocabulary grew
+    if grown.shape[0] > 1:
+        assert 0.5 * model.config.text_config.initializer_range < grown.float().std() < 2.0 * 0.02
+
+
 def test_saved_directory_never_contains_the_vision_tower(rk3d_dir):
     with safe_open(str(rk3d_dir / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())

@@ -8,10 +8,12 @@ from the prompt and advanced by one per generated token on every axis.
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 import itertools
 import json
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
@@ -35,6 +38,22 @@ from .projectors import ProjectorConfig, build_projector
 from .region import RegionProjector, box_end_bins, crop_regions, spread_regions
 
 Grid = tuple[int, int, int]
+
+_LANGUAGE_MODEL_LOADED_AFTER = contextvars.ContextVar("reasonknee3d_language_model_loaded_after", default=False)
+"""True while ``from_qwen2_5_vl`` builds a model whose language-model tensors it copies from a checkpoint
+right after (``_language_model_loaded_after``)."""
+
+
+@contextmanager
+def _language_model_loaded_after():
+    """Models built inside leave their language model's parameters uninitialized: the caller copies every one of
+    them from a checkpoint next (``_load_language_model``, which checks that none is missing). At Qwen2.5-VL-3B's
+    size the random init thrown away that way took 49 of the 50 s of a build on a 2-core CPU (docs/results.md)."""
+    token = _LANGUAGE_MODEL_LOADED_AFTER.set(True)
+    try:
+        yield
+    finally:
+        _LANGUAGE_MODEL_LOADED_AFTER.reset(token)
 
 # transformers renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` during 5.x and warns
 # (FutureWarning) on the old name; the models here accept both names and pass on the one the installed version uses.
@@ -119,7 +138,12 @@ class ReasonKnee3DModel(ReasonKnee3DPreTrainedModel):
         self.encoder = build_encoder(config.encoder_config)
         self.projector = build_projector(config.projector_config, config.encoder_config.hidden_size,
                                          config.text_config.hidden_size)
-        self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        skip_init = _LANGUAGE_MODEL_LOADED_AFTER.get()
+        with no_init_weights() if skip_init else nullcontext():
+            self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        if skip_init:  # and keep this model's post_init from initializing it either
+            for module in self.language_model.modules():
+                module._is_hf_initialized = True
         self.region_projector = (None if config.region_size is None else
                                  RegionProjector(config.encoder_config.hidden_size, config.text_config.hidden_size))
         self._bin_of_id: torch.Tensor | None = None
@@ -329,7 +353,12 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
     def __init__(self, config: ReasonKnee3DConfig) -> None:
         super().__init__(config)
         self.model = ReasonKnee3DModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # A head tied to an embedding that from_qwen2_5_vl copies next needs no random init either.
+        skip_init = _LANGUAGE_MODEL_LOADED_AFTER.get() and config.tie_word_embeddings
+        with no_init_weights() if skip_init else nullcontext():
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if skip_init:
+            self.lm_head._is_hf_initialized = True
         self.post_init()
         # What a saved folder holds in float32 beyond the encoder and projectors (config.float32_modules):
         # from_pretrained materializes those weights in float32 instead of rounding them to the folder's dtype.
@@ -462,8 +491,9 @@ class ReasonKnee3DForConditionalGeneration(ReasonKnee3DPreTrainedModel, Generati
             vision_end_token_id=token_id(VISION_END), box_start_token_id=token_id(BOX_START),
             box_end_token_id=token_id(BOX_END), tie_word_embeddings=qwen_config.tie_word_embeddings,
             region_size=region_size)
-        model = cls._from_config(config, attn_implementation=select_attn_implementation(attn_implementation),
-                                 dtype=dtype)
+        with _language_model_loaded_after():
+            model = cls._from_config(config, attn_implementation=select_attn_implementation(attn_implementation),
+                                     dtype=dtype)
         # _from_config, unlike from_pretrained, leaves _keep_in_fp32_modules_strict to the caller.
         for name in cls._keep_in_fp32_modules_strict:
             part = getattr(model.model, name, None)
@@ -506,8 +536,11 @@ def _load_language_model(model: ReasonKnee3DForConditionalGeneration, path: Path
                 if src.shape[1:] != dst.shape[1:] or src.shape[0] > dst.shape[0]:
                     raise ValueError(f"{path / name}: tensor {key} has shape {tuple(src.shape)}; the language model "
                                      f"built from its config.json expects {tuple(dst.shape)}")
-                # Slicing the first axis lets a larger new embedding matrix keep its extra rows' init.
                 dst[: src.shape[0]].copy_(src)
+                if src.shape[0] < dst.shape[0]:
+                    # Rows past the checkpoint's (a vocabulary grown for the new tokens) were left uninitialized:
+                    # they get the init the language model gives its embeddings (new tokens' rows are set later).
+                    dst[src.shape[0]:].normal_(mean=0.0, std=model.config.text_config.initializer_range)
                 loaded.add(m.group(1))
     missing = sorted(set(lm) - loaded)
     if missing:
