@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import time
+from collections import Counter
 from typing import Sequence
 
-from reasonknee3d.bench.real_size import RealSizeSettings, real_size_checkpoint
+from reasonknee3d.bench.real_size import RealSizeSettings, real_size_checkpoint, real_size_model_overrides
 from reasonknee3d.families import get_family, load_experiment_config
+
+PRESET = "rk3d_qwen2.5vl_3b"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,13 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RealSizeSettings(layers=a.layers, width_divisor=a.scale)
     lm_dir, info = real_size_checkpoint(settings)
     print(f"checkpoint: {lm_dir} (" + ("reused" if info["reused"] else f"built in {info['build_s']:.1f} s") + ")")
-    overrides = [f"model.language_model={json.dumps({'path': str(lm_dir)})}"]
-    base = load_experiment_config("rk3d_qwen2.5vl_3b")
-    if a.layers is not None:
-        overrides.append(f"model.encoder.num_hidden_layers={a.layers}")
-    for key in ("hidden_size", "num_attention_heads", "intermediate_size") if a.scale != 1 else ():
-        overrides.append(f"model.encoder.{key}={base.model.encoder[key] // a.scale}")
-    exp = load_experiment_config("rk3d_qwen2.5vl_3b", overrides)
+    overrides = real_size_model_overrides(settings, load_experiment_config(PRESET), lm_dir)
+    exp = load_experiment_config(PRESET, overrides)
 
     profile = cProfile.Profile()
     t0 = time.perf_counter()
@@ -47,9 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, _ = get_family(exp.family).build(exp, "sdpa")
     profile.disable()
     seconds = time.perf_counter() - t0
-    counts: dict[str, int] = {}
+    counts = Counter()
     for p in model.parameters():
-        counts[str(p.dtype).removeprefix("torch.")] = counts.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()
+        counts[str(p.dtype).removeprefix("torch.")] += p.numel()
     print(f"build: {seconds:.1f} s; parameters: " + ", ".join(f"{n:,} {d}" for d, n in sorted(counts.items())))
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(a.top)

@@ -128,15 +128,11 @@ def real_size_checkpoint(s: RealSizeSettings) -> tuple[Path, dict[str, Any]]:
                   "sizes": sizes}
 
 
-def _real_size_overrides(s: RealSizeSettings, base: Any, lm_dir: Path, release: Path, run_dir: Path) -> list[str]:
-    """Overrides of a real preset ``base`` for the bench: the built checkpoint, the bench release and run folder,
-    ``s.steps`` steps of one sample, nothing logged elsewhere, the 3D encoder at ``s.layers`` / ``s.width_divisor``."""
-    out = [f"model.language_model={json.dumps({'path': str(lm_dir)})}",
-           f"train.data_dir={json.dumps(str(release))}", f"train.output_dir={json.dumps(str(run_dir))}",
-           f"train.max_steps={s.steps}", "train.per_device_batch_size=1", "train.gradient_accumulation_steps=1",
-           "train.save_steps=1000000", "train.logging_steps=1", "train.report_to=[]",
-           "train.dataloader_num_workers=0", f"train.seed={s.seed}"]
-    encoder = getattr(base.model, "encoder", None)  # the 3D family's; the slice tower is in the checkpoint
+def real_size_model_overrides(s: RealSizeSettings, base: Any, lm_dir: Path) -> list[str]:
+    """Overrides of a real preset ``base``'s model for the bench: the built checkpoint ``lm_dir``, and the 3D encoder
+    at ``s.layers`` / ``s.width_divisor`` (the slice tower is in the checkpoint)."""
+    out = [f"model.language_model={json.dumps({'path': str(lm_dir)})}"]
+    encoder = getattr(base.model, "encoder", None)  # the 3D family's
     if encoder is not None:
         if s.layers is not None:
             out.append(f"model.encoder.num_hidden_layers={s.layers}")
@@ -147,6 +143,16 @@ def _real_size_overrides(s: RealSizeSettings, base: Any, lm_dir: Path, release: 
                                      f"{key} {encoder[key]}")
                 out.append(f"model.encoder.{key}={encoder[key] // s.width_divisor}")
     return out
+
+
+def _real_size_overrides(s: RealSizeSettings, base: Any, lm_dir: Path, release: Path, run_dir: Path) -> list[str]:
+    """``real_size_model_overrides``, and for training: the bench release and run folder, ``s.steps`` steps of one
+    sample, nothing logged elsewhere."""
+    return [*real_size_model_overrides(s, base, lm_dir),
+            f"train.data_dir={json.dumps(str(release))}", f"train.output_dir={json.dumps(str(run_dir))}",
+            f"train.max_steps={s.steps}", "train.per_device_batch_size=1", "train.gradient_accumulation_steps=1",
+            "train.save_steps=1000000", "train.logging_steps=1", "train.report_to=[]",
+            "train.dataloader_num_workers=0", f"train.seed={s.seed}"]
 
 
 def _step_timer() -> Any:
