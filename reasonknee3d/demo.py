@@ -200,11 +200,11 @@ def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = F
                   "much; its localization is its margin over this box, and the per-axis `tracking` in "
                   "`reports/3d/report.md` says whether its boxes follow each volume's anatomy."]
     if "3d_classifier" in table:
+        sources = table["3d_classifier"].get("box_sources")  # None when a resumed demo wrote no new prediction
         lines += ["", "`3d_classifier`: the region_grades model (the 3D model's pretrained encoder on a crop of each box "
                   "and one linear head per category and field) grading in the boxes the 3D-native model wrote, no "
-                  "language model; "
-                  f"boxes: {json.dumps(table['3d_classifier'].get('box_sources'))}. Its train_seconds are the "
-                  "pretraining's."]
+                  "language model" + (f"; boxes: {json.dumps(sources)}" if sources else "")
+                  + ". Its train_seconds are the pretraining's."]
     if oracle in table:
         lines += ["", "The same classifier in the reference boxes (an oracle for localization, so its IoU is 1 and "
                   "it is not comparable with the rows above):", "",
@@ -398,7 +398,7 @@ def _run_demo(out: Path, quick: bool, settings: Optional[DemoSettings], overwrit
         smp = by_id[r["sample_id"]]
         pictures.append(infer(models["3d"], smp.image_path, smp.question_id, gt_box=smp.box,
                               max_new_tokens=s.max_new_tokens, box_decoding=s.box_decoding,
-                              png=out / "pictures" / f"infer_3d_q{smp.question_id}.png").png)
+                              png=out / "pictures" / f"infer_3d_{smp.volume_id}_q{smp.question_id}.png").png)
     _print_table(table, smoke)
     step("done")
     print(f"table:    {out / 'comparison.md'} (and comparison.json)\n"

@@ -34,7 +34,7 @@ def test_demo_writes_the_comparison_reports_and_pictures(tmp_path, capsys):
     assert {"pretrain", "train_3d", "train_slice", "predict_3d", "total"} <= set(timings)
     md = (tmp_path / "comparison.md").read_text()
     assert md.count("| 3d |") == 1 and md.count("| 3d_classifier |") == 1 and "Time split" in md
-    pictures = list((tmp_path / "pictures").glob("infer_3d_q*.png"))
+    pictures = list((tmp_path / "pictures").glob("infer_3d_*_q*.png"))  # volume and question: no two collide
     assert len(pictures) == 1 and pictures[0].read_bytes()[:4] == b"\x89PNG"
     out, err = capsys.readouterr()
     tail = out.splitlines()[-3:]  # ends with where its table, reports and pictures are
@@ -83,6 +83,12 @@ def test_printed_table_fits_100_columns_and_marks_a_smoke_test(monkeypatch):
     side = _markdown(_table(0.1), QUICK, False, side_box={"miou": 0.303, "acc_iou50": 0.176})
     assert "per question *and knee side*" in side and "miou 0.303, acc_iou50 0.176" in side
     assert "knee side" not in _markdown(_table(0.1), QUICK, False)
+    # the classifier's box sources are said when this run counted them (a resumed demo wrote no new prediction)
+    for sources in ({"model": 4, "reference": 0}, None):
+        table = {**_table(0.1), "3d_classifier": {**_table(0.1)["3d"], "box_sources": sources}}
+        md = _markdown(table, QUICK, False)
+        assert "`3d_classifier`" in md and ('boxes: {"model": 4' in md) == (sources is not None)
+        assert "null" not in md
 
 
 def test_demo_seed_reaches_the_settings(monkeypatch, tmp_path):
