@@ -33,7 +33,8 @@ DEMO_MODELS = {"3d": "tiny_3d", "slice": "tiny_slice"}
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes of one demo run (the defaults train each family for minutes on a CPU, see README.md for a dated
-    measurement; ``QUICK`` is a smoke test of every step)."""
+    measurement; ``QUICK`` is a smoke test of every step,
+    ``FULL`` the longer setting of ``demo --full``)."""
 
     volumes: int = 40
     """Synthetic volumes (about 70/10/20 % train/val/test by patient)."""
@@ -103,6 +104,12 @@ def prepare_demo_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> st
 
 QUICK = DemoSettings(volumes=6, max_steps=10, batch_size=4, max_new_tokens=160, test_limit=16, pictures=1,
                      pretrain_steps=10)
+
+FULL = DemoSettings(volumes=100, max_steps=9000, pretrain_steps=600)
+"""``demo --full``: 2.5x the volumes, 10x the training steps per family and twice the pretraining steps. Where
+the default demo's 3D-native model still writes about one box per question, here its boxes follow each volume's
+anatomy and its balanced accuracy is about 0.1 above the majority's (docs/results.md); over an hour on a 2-core
+CPU."""
 
 
 def _experiment(row: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:

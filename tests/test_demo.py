@@ -102,3 +102,7 @@ def test_demo_seed_reaches_the_settings(monkeypatch, tmp_path):
     assert seen[0] == (False, dataclasses.replace(demo.DemoSettings(), seed=3))
     assert seen[1] == (True, dataclasses.replace(demo.QUICK, seed=2))
     assert main(["demo", "--out", str(tmp_path / "n"), "--seed", "-1"]) == 2 and len(seen) == 2
+    assert main(["demo", "--out", str(tmp_path / "f"), "--full", "--seed", "1"]) == 0
+    assert seen[2] == (False, dataclasses.replace(demo.FULL, seed=1))
+    assert seen[2][1].max_steps == 10 * demo.DemoSettings().max_steps and seen[2][1].volumes == 100
+    assert main(["demo", "--out", str(tmp_path / "b"), "--full", "--quick"]) == 2 and len(seen) == 3
