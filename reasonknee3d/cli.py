@@ -410,12 +410,13 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole loop on the embedded default: synth, train both, predict, score")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="everything is written under this folder")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test of every step: 6 volumes, 10 training steps per family, 16 test questions; its "
-                        "numbers only show that the loop runs (README.md gives dated run times)")
-    p.add_argument("--full", action="store_true",
-                   help="the longer setting: 100 volumes, 9000 training steps per family, 600 pretraining steps "
-                        "(over an hour on a 2-core CPU); the 3D-native model's boxes then follow the anatomy")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="smoke test of every step: 6 volumes, 10 training steps per family, 16 test questions; its "
+                           "numbers only show that the loop runs (README.md gives dated run times)")
+    size.add_argument("--full", action="store_true",
+                      help="the longer setting: 100 volumes, 9000 training steps per family, 600 pretraining steps "
+                           "(over an hour on a 2-core CPU); the 3D-native model's boxes then follow the anatomy")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier demo in --out that used other settings (same settings resume)")
     p.add_argument("--seed", type=int, default=0,
@@ -428,8 +429,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         from .demo import FULL, QUICK, DemoSettings, run_demo
         if a.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {a.seed}")
-        if a.quick and a.full:
-            raise ValueError("--quick and --full are two different settings: give one of them")
         base = QUICK if a.quick else FULL if a.full else DemoSettings()
         run_demo(a.out, quick=a.quick, overwrite=a.overwrite, settings=dataclasses.replace(base, seed=a.seed))
         return 0

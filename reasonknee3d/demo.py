@@ -33,8 +33,7 @@ DEMO_MODELS = {"3d": "tiny_3d", "slice": "tiny_slice"}
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes of one demo run (the defaults train each family for minutes on a CPU, see README.md for a dated
-    measurement; ``QUICK`` is a smoke test of every step,
-    ``FULL`` the longer setting of ``demo --full``)."""
+    measurement; ``QUICK`` is a smoke test of every step, ``FULL`` the longer setting of ``demo --full``)."""
 
     volumes: int = 40
     """Synthetic volumes (about 70/10/20 % train/val/test by patient)."""
