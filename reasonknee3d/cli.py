@@ -54,6 +54,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (strengths such as --grade-prior-tau)."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def question_id(text: str) -> int:
     """A question id of the schema (1..69), with the valid range in the message."""
     from .schema import load_schema
@@ -350,6 +362,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unconstrained", action="store_true",
                    help="plain greedy decoding (no box / severity logits processors)")
     _add_box_decoding(p)
+    p.add_argument("--grade-prior-tau", type=non_negative_float, default=0.0, metavar="TAU",
+                   help="divide each grade's probability by its train-split frequency to the power TAU when the "
+                        "answer words the grade (0: plain decoding; choose TAU with tune-grade-prior)")
     p.add_argument("--boxes", default=None, metavar="reference|P.jsonl",
                    help="a region_grades --model (the direct 3D classifier) grades in these boxes: the release's "
                         "(reference, the default) or those of another model's predictions file")
@@ -360,13 +375,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         if is_region_grades_dir(a.model):
             res = classify(a.model, a.data, a.split, a.out, boxes=a.boxes or REFERENCE_BOXES,
                            batch_size=a.batch_size, limit=a.limit, images=a.images, cache_dir=a.cache_dir)
+        elif a.grade_prior_tau and a.unconstrained:
+            raise ValueError("--grade-prior-tau needs constrained decoding; leave out --unconstrained")
         elif a.boxes is not None:
             raise ValueError(f"--boxes is for a region_grades folder (the direct 3D classifier); {a.model} "
                              f"is not one (no region_heads.json and encoder/)")
         else:
             res = predict(a.model, a.data, a.split, a.out, batch_size=a.batch_size, limit=a.limit,
                           constrained=not a.unconstrained, max_new_tokens=a.max_new_tokens, images=a.images,
-                          cache_dir=a.cache_dir, box_decoding=a.box_decoding)
+                          cache_dir=a.cache_dir, box_decoding=a.box_decoding, grade_prior_tau=a.grade_prior_tau)
+        if getattr(res, "grade_prior", None):
+            print(res.grade_prior)
         print(f"{res.n_written} written, {res.n_skipped} already done, of {res.n_split} in {res.seconds:.1f} s "
               f"-> {res.out}")
         if getattr(res, "box_sources", None):
@@ -377,6 +396,33 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                   file=sys.stderr)
             print("\n".join(skipped_summary(res.skipped)), file=sys.stderr)
             return 1
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_tune_grade_prior(sub: argparse._SubParsersAction) -> None:
+    from .evaluation.tune_prior import DEFAULT_TAUS, RESULT_FILE
+    p = sub.add_parser("tune-grade-prior", help="choose predict's --grade-prior-tau on the val split (one val "
+                                                "prediction and score per tau)")
+    p.add_argument("--model", type=Path, required=True, help="trained model folder (either family)")
+    p.add_argument("--data", type=Path, required=True, help="release root")
+    p.add_argument("--out", type=Path, required=True,
+                   help=f"folder for each tau's val predictions and report, and {RESULT_FILE} (a rerun resumes)")
+    p.add_argument("--taus", type=non_negative_float, nargs="+", default=list(DEFAULT_TAUS), metavar="TAU",
+                   help="strengths to try (0: plain decoding)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="samples per generate call")
+    p.add_argument("--limit", type=non_negative_int, default=None, help="only the first N samples of the split")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="generation budget per sample")
+    _add_location_options(p)
+    _add_box_decoding(p)
+
+    def run(a: argparse.Namespace) -> int:
+        from .evaluation.tune_prior import format_tuning, tune_grade_prior
+        result = tune_grade_prior(a.model, a.data, a.out, a.taus, batch_size=a.batch_size,
+                                  limit=a.limit, max_new_tokens=a.max_new_tokens, images=a.images,
+                                  cache_dir=a.cache_dir, box_decoding=a.box_decoding)
+        print(format_tuning(result))
+        print(f"-> {a.out / RESULT_FILE}; then: reasonknee3d predict ... --grade-prior-tau {result['chosen_tau']:g}")
         return 0
     p.set_defaults(func=run)
 
@@ -546,6 +592,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_zeroshot,
     _add_train,
     _add_predict,
+    _add_tune_grade_prior,
     _add_infer,
     _add_demo,
     _add_bench,

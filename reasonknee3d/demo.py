@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .constants import DEFAULT_BOX_DECODING
+from .evaluation.tune_prior import DEFAULT_TAUS
 from .io_utils import write_json, write_text
 
 TABLE_METRICS = ("diag_exact", "balanced_acc", "qwk", "miou", "acc_iou50", "parse_fail_severity", "parse_fail_box")
@@ -63,14 +64,18 @@ class DemoSettings:
     accuracy rewards."""
     box_decoding: str = DEFAULT_BOX_DECODING
     """How both families' constrained decoding picks box coordinates (``constants.BOX_DECODINGS``)."""
+    grade_prior_taus: tuple[float, ...] = ()
+    """Grade-prior strengths tried on the val split for each family (``tune-grade-prior``); the test split is then
+    predicted with the one of highest val balanced accuracy. Empty: plain decoding, no tuning."""
 
 
 CLASSIFIER_ROWS = {"3d_classifier": "predictions_3d.jsonl", "3d_classifier_reference_boxes": "reference"}
 """Rows of the direct 3D classifier (``evaluation/classify.py``) -> where its boxes come from: the 3D-native
 model's predictions, or the release's boxes (an oracle for localization, reported apart from the table)."""
 
-DEMO_ENTRIES = ("release", "runs", "reports", "pictures", "references_train.jsonl", "references_test.jsonl",
+DEMO_ENTRIES = ("release", "runs", "reports", "tuning", "pictures", "references_train.jsonl", "references_test.jsonl",
                 *(f"predictions_{f}{sfx}.jsonl" for f in (*DEMO_MODELS, *CLASSIFIER_ROWS) for sfx in ("", ".skipped")),
+                *(f"predictions_{f}.settings.json" for f in DEMO_MODELS),
                 "comparison.json", "comparison.md", "comparison.png", "demo_timings.json")
 """What the demo writes under its folder (and all that ``overwrite`` deletes, with the marker)."""
 
@@ -104,11 +109,11 @@ def prepare_demo_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> st
 QUICK = DemoSettings(volumes=6, max_steps=10, batch_size=4, max_new_tokens=160, test_limit=16, pictures=1,
                      pretrain_steps=10)
 
-FULL = DemoSettings(volumes=100, max_steps=9000, pretrain_steps=600)
-"""``demo --full``: 2.5x the volumes, 10x the training steps per family and twice the pretraining steps. Where
-the default demo's 3D-native model still writes about one box per question, here its boxes follow each volume's
-anatomy and its balanced accuracy is about 0.1 above the majority's (docs/results.md); over an hour on a 2-core
-CPU."""
+FULL = DemoSettings(volumes=100, max_steps=9000, pretrain_steps=600, grade_prior_taus=DEFAULT_TAUS)
+"""``demo --full``: 2.5x the volumes, 10x the training steps per family and twice the pretraining steps, and each
+family's test answers decoded with the grade-prior tau chosen on val. Where the default demo's 3D-native model
+still writes about one box per question, here its boxes follow each volume's anatomy and its balanced accuracy is
+about 0.1 above the majority's (docs/results.md); over an hour on a 2-core CPU."""
 
 
 def _experiment(row: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:
@@ -184,6 +189,15 @@ def _title(quick: bool) -> str:
     return "ReasonKnee-Bench, synthetic test split" + (" - SMOKE TEST (--quick), not a comparison" if quick else "")
 
 
+def _tune(model: Path, release: Path, out: Path, s: DemoSettings) -> float:
+    """The grade-prior tau of highest val balanced accuracy (``tune-grade-prior``; a rerun reuses its choice)."""
+    from .evaluation.tune_prior import RESULT_FILE, tune_grade_prior
+    if (out / RESULT_FILE).is_file():
+        return float(json.loads((out / RESULT_FILE).read_text())["chosen_tau"])
+    return float(tune_grade_prior(model, release, out, s.grade_prior_taus, batch_size=16, limit=s.test_limit,
+                                  max_new_tokens=s.max_new_tokens, box_decoding=s.box_decoding)["chosen_tau"])
+
+
 def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = False,
               timings: Optional[dict[str, float]] = None, side_box: Optional[dict[str, Any]] = None) -> str:
     cols = [*TABLE_METRICS, "train_seconds", "visual_tokens"]
@@ -216,6 +230,11 @@ def _markdown(table: dict[str, dict[str, Any]], s: DemoSettings, quick: bool = F
                   "it is not comparable with the rows above):", "",
                   "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
                   f"| {oracle} | " + " | ".join(fmt(table[oracle].get(c)) for c in cols) + " |"]
+    taus = {name: row["grade_prior_tau"] for name, row in table.items() if row.get("grade_prior_tau") is not None}
+    if taus:
+        lines += ["", "Grade-prior decoding (`predict --grade-prior-tau`), tau chosen per model on the val split by "
+                  f"balanced accuracy among {list(s.grade_prior_taus)} (`tuning/<row>/grade_prior.json`): "
+                  + ", ".join(f"{k} {v:g}" for k, v in taus.items()) + "."]
     if timings:
         lines += ["", "Time split (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     return "\n".join(lines) + "\n"
@@ -361,17 +380,24 @@ def _run_demo(out: Path, quick: bool, settings: Optional[DemoSettings], overwrit
         models[row], seconds = _train(row, release, out / "runs" / row, s,
                                       encoder_from=pretrained / "encoder" if row == "3d" and pretrained else None)
         timings[f"train_{row}"] = seconds
-        step(f"predicting the test split with the {row} model")
+        tau = 0.0
+        if s.grade_prior_taus:
+            step(f"choosing the {row} model's grade-prior tau on the val split (taus {list(s.grade_prior_taus)})")
+            t0 = time.perf_counter()
+            tau = _tune(models[row], release, out / "tuning" / row, s)
+            timings[f"tune_{row}"] = time.perf_counter() - t0
+        step(f"predicting the test split with the {row} model" + (f" (grade-prior tau {tau:g})" if tau else ""))
         t0 = time.perf_counter()
         preds = out / f"predictions_{row}.jsonl"
         pred = predict(models[row], release, "test", preds, batch_size=16, limit=s.test_limit,
-                       max_new_tokens=s.max_new_tokens, box_decoding=s.box_decoding)
+                       max_new_tokens=s.max_new_tokens, box_decoding=s.box_decoding, grade_prior_tau=tau)
         if pred.skipped:
             raise RuntimeError(f"predict skipped {len(pred.skipped)} test samples of the {row} model: see "
                                f"{pred.skipped_path}")
         timings[f"predict_{row}"] = time.perf_counter() - t0
         reports[row] = score_files(preds, refs["test"], out / "reports" / row, majority_source=refs["train"])
-        extra[row] = {"train_seconds": round(seconds, 1), "visual_tokens": _visual_tokens(row, s.shape)}
+        extra[row] = {"train_seconds": round(seconds, 1), "visual_tokens": _visual_tokens(row, s.shape),
+                      **({"grade_prior_tau": tau} if s.grade_prior_taus else {})}
     if pretrained is not None:
         from .evaluation.classify import classify
         for row, boxes in CLASSIFIER_ROWS.items():

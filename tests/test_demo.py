@@ -7,7 +7,7 @@ from reasonknee3d.demo import DemoSettings, run_demo
 
 def test_demo_writes_the_comparison_reports_and_pictures(tmp_path, capsys):
     s = DemoSettings(volumes=6, max_steps=2, batch_size=2, max_new_tokens=120, test_limit=4, pictures=1,
-                     pretrain_steps=2)
+                     pretrain_steps=2, grade_prior_taus=(0.0, 1.0))
     table = run_demo(tmp_path, settings=s)
     assert list(table) == ["3d", "slice", "3d_classifier", "majority", "3d_classifier_reference_boxes"]
     saved = json.loads((tmp_path / "comparison.json").read_text())
@@ -20,6 +20,11 @@ def test_demo_writes_the_comparison_reports_and_pictures(tmp_path, capsys):
         assert report["n"] == 4
         assert len((tmp_path / f"predictions_{name}.jsonl").read_text().splitlines()) == 4
     assert saved["majority"]["train_seconds"] is None
+    # Each family's tau was chosen on val (4 samples per tau, as test_limit says) and the test split used it.
+    for name in ("3d", "slice"):
+        tuning = json.loads((tmp_path / "tuning" / name / "grade_prior.json").read_text())
+        assert set(tuning["by_tau"]) == {"0", "1"} and saved[name]["grade_prior_tau"] == tuning["chosen_tau"]
+        assert len((tmp_path / "tuning" / name / "predictions_val_tau1.jsonl").read_text().splitlines()) == 4
     # The classifier rows: the region_grades model graded the same 4 samples, in the 3D model's boxes and in
     # the reference boxes; the 3D model's encoder started from that pretraining.
     for name in ("3d_classifier", "3d_classifier_reference_boxes"):
@@ -34,6 +39,7 @@ def test_demo_writes_the_comparison_reports_and_pictures(tmp_path, capsys):
     assert {"pretrain", "train_3d", "train_slice", "predict_3d", "total"} <= set(timings)
     md = (tmp_path / "comparison.md").read_text()
     assert md.count("| 3d |") == 1 and md.count("| 3d_classifier |") == 1 and "Time split" in md
+    assert "tau chosen per model on the val split by balanced accuracy among [0.0, 1.0]" in md
     pictures = list((tmp_path / "pictures").glob("infer_3d_*_q*.png"))  # volume and question: no two collide
     assert len(pictures) == 1 and pictures[0].read_bytes()[:4] == b"\x89PNG"
     out, err = capsys.readouterr()

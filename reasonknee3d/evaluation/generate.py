@@ -31,14 +31,16 @@ def to_device(obj: Any, device: torch.device) -> Any:
 def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, Any], question_ids: Sequence[int],
                      orig_shapes: Sequence[Sequence[int]], require_box: Sequence[bool] | bool = True,
                      constrained: bool = True, max_new_tokens: int = 512, box_decoding: str = DEFAULT_BOX_DECODING,
-                     decode: Optional[Callable[[torch.Tensor], list[str]]] = None) -> list[str]:
+                     decode: Optional[Callable[[torch.Tensor], list[str]]] = None,
+                     grade_prior: Optional[Any] = None) -> list[str]:
     """Answer texts for one left-padded generation batch.
 
     ``constrained`` adds the box and severity logits processors (``models.generation``), so every answer of a
     trained model parses (``box_decoding``: how the box's coordinates are chosen, ``constants.BOX_DECODINGS``);
     zero-shot models, which never saw the box tokens, decode unconstrained. The generated
     ids (prompt removed) become text through ``family.decode`` (boxes back in each volume's voxels), or through
-    ``decode`` when given (then ``family`` may be None for an unconstrained run).
+    ``decode`` when given (then ``family`` may be None for an unconstrained run). ``grade_prior``
+    (``models.grade_prior.GradePrior``, constrained runs only) corrects the grade wordings for the train prior.
     """
     tokenizer = processor.tokenizer
     processors = None
@@ -46,7 +48,7 @@ def generate_answers(model: Any, processor: Any, family: Any, batch: dict[str, A
         from ..models.generation import constrained_logits_processors
         processors = constrained_logits_processors(tokenizer, list(question_ids), max_new_tokens,
                                                    num_bins=family.num_bins(model), require_box=require_box,
-                                                   box_decoding=box_decoding)
+                                                   box_decoding=box_decoding, grade_prior=grade_prior)
     batch = to_device(batch, next(model.parameters()).device)
     generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                logits_processor=processors, pad_token_id=tokenizer.pad_token_id)

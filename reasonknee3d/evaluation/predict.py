@@ -50,6 +50,8 @@ class PredictResult:
     """Samples not predicted in this run (item = sample id), with the reason."""
     skipped_path: Optional[Path] = None
     """``<out stem>.skipped.jsonl`` listing ``skipped`` (None when nothing was skipped)."""
+    grade_prior: Optional[str] = None
+    """``GradePrior.summary()`` of the correction used (None: none)."""
 
 
 def skipped_path_for(out: str | os.PathLike) -> Path:
@@ -160,13 +162,17 @@ def stored_frame_text(text: str, info: "SampleInfo") -> str:
 def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
             batch_size: int = 4, limit: Optional[int] = None, constrained: bool = True, max_new_tokens: int = 512,
             attn_implementation: str = "auto", num_workers: int = 0, images: Optional[str | os.PathLike] = None,
-            cache_dir: Optional[str | os.PathLike] = None, box_decoding: str = DEFAULT_BOX_DECODING) -> PredictResult:
+            cache_dir: Optional[str | os.PathLike] = None, box_decoding: str = DEFAULT_BOX_DECODING,
+            grade_prior_tau: float = 0.0, grade_prior_split: str = "train") -> PredictResult:
     """Generate an answer for each sample of ``split`` (the first ``limit`` ones) and append them to ``out``.
 
     Rows are ``{"sample_id", "question_id", "output"}`` (the scorer's prediction format; ``output`` holds
     boxes as voxel indices of each original volume). ``images``: where volumes are found by name when the
     release's written paths do not exist; ``cache_dir``: the cache root (default ``<data_dir>/cache``);
-    ``box_decoding``: how constrained decoding picks box coordinates (``constants.BOX_DECODINGS``).
+    ``box_decoding``: how constrained decoding picks box coordinates (``constants.BOX_DECODINGS``);
+    ``grade_prior_tau`` > 0: constrained decoding divides each grade's probability by its frequency in the
+    release's ``grade_prior_split`` to that power (``models.grade_prior``; choose it on val with
+    ``evaluation.tune_prior.tune_grade_prior``).
     """
     from ..data.release import cache_root
     from ..families import family_of_model_dir
@@ -176,17 +182,29 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
                          f"(got {limit})")
     if box_decoding not in BOX_DECODINGS:
         raise ValueError(f"box_decoding must be one of {BOX_DECODINGS}, got {box_decoding!r}")
+    if grade_prior_tau and not constrained:
+        raise ValueError(f"grade_prior_tau {grade_prior_tau} needs constrained decoding (the correction is one of "
+                         "its logits processors)")
+    settings = {"constrained": constrained, "max_new_tokens": max_new_tokens, "box_decoding": box_decoding,
+                "grade_prior_tau": float(grade_prior_tau), "grade_prior_split": grade_prior_split}
+    PredictionWriter.check_settings(out, settings)  # a file of other settings is refused before the model loads
     start = time.perf_counter()
     family = family_of_model_dir(model_dir)
     model, processor = family.load(model_dir, select_attn_implementation(attn_implementation))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    grade_prior = None
+    if grade_prior_tau:
+        from ..models.grade_prior import GradePrior
+        grade_prior = GradePrior.from_release(data_dir, processor.tokenizer, grade_prior_tau, grade_prior_split,
+                                              images=images)
+        logger.info("predict: %s", grade_prior.summary())
     dataset, collate = family.predict_data(model, processor, data_dir, split, images, cache_dir)
     wanted_ids, skipped = _left_out(data_dir, split, dataset.samples, limit, images, cache_root(data_dir, cache_dir))
     wanted = set(wanted_ids)
     samples = dataset.samples
 
-    with PredictionWriter(out) as writer:
+    with PredictionWriter(out, settings) as writer:
         todo = [i for i, s in enumerate(samples) if s.sample_id in wanted and s.sample_id not in writer.done]
         already = sum(1 for s in samples if s.sample_id in wanted and s.sample_id in writer.done)
         skipped = [sk for sk in skipped if sk.item not in writer.done]  # predicted by an earlier run
@@ -206,7 +224,7 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
             texts = generate_answers(model, processor, family, batch, [info.question_id for info in infos],
                                      [info.orig_shape for info in infos], [info.has_box for info in infos],
                                      constrained=constrained, max_new_tokens=max_new_tokens,
-                                     box_decoding=box_decoding)
+                                     box_decoding=box_decoding, grade_prior=grade_prior)
             texts = [stored_frame_text(t, info) for t, info in zip(texts, infos)]
             for info, text in zip(infos, texts):
                 written += writer.write({"sample_id": info.sample_id, "question_id": info.question_id,
@@ -215,6 +233,7 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
         bar.close()
     result = PredictResult(out=Path(out), n_split=len(wanted_ids), n_skipped=already,
                            n_written=written, seconds=time.perf_counter() - start, skipped=skipped,
-                           skipped_path=write_skipped(skipped_path_for(out), skipped))
+                           skipped_path=write_skipped(skipped_path_for(out), skipped),
+                           grade_prior=None if grade_prior is None else grade_prior.summary())
     logger.info("predict: %s", result)
     return result

@@ -5,6 +5,10 @@ and flushed to disk (fsync) before the next, so a kill loses at most the line be
 ``done_ids`` and skips those samples. A kill can leave a truncated last line: ``done_ids`` ignores it and
 ``PredictionWriter`` cuts it off before appending, so the file never holds a duplicate or a broken line.
 This is the one output written in place instead of atomically: appending is what makes it resumable.
+
+A writer given ``settings`` (how the rows are made, e.g. ``predict``'s decoding options) keeps them beside the
+file in ``<stem>.settings.json`` and refuses to resume a file written with other settings, so one file never
+mixes rows of two decodings.
 """
 from __future__ import annotations
 
@@ -46,6 +50,12 @@ def done_ids(path: str | os.PathLike) -> set[str]:
     return {row["sample_id"] for row in read_predictions(path)}
 
 
+def settings_path_for(path: str | os.PathLike) -> Path:
+    """Where a writer keeps the settings of a predictions file: ``P.jsonl`` -> ``P.settings.json``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".settings.json")
+
+
 class PredictionWriter:
     """Appends prediction rows to a JSONL file, one flushed and fsynced line per call; skips ids already there.
 
@@ -53,18 +63,53 @@ class PredictionWriter:
     from their worker threads and write them in the main thread).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, settings: Optional[dict[str, Any]] = None) -> None:
         self.path = Path(path)
+        self.settings = None if settings is None else json.loads(json.dumps(settings))  # as it reads back
         self.done: set[str] = set()
         self._fh: Optional[Any] = None
+
+    @property
+    def settings_path(self) -> Path:
+        return settings_path_for(self.path)
+
+    @staticmethod
+    def check_settings(path: str | os.PathLike, settings: Optional[dict[str, Any]]) -> None:
+        """Raise ``ValueError`` when ``path`` holds rows written with settings other than ``settings`` (nothing
+        is written; a writer's ``__enter__`` checks the same, so callers can fail before any expensive work)."""
+        path = Path(path)
+        side = settings_path_for(path)
+        if settings is None or not side.is_file() or not path.is_file():
+            return
+        settings = json.loads(json.dumps(settings))
+        earlier = json.loads(side.read_text(encoding="utf-8"))
+        n = len(done_ids(path))
+        if n and earlier != settings:
+            diff = {k: (earlier.get(k), settings.get(k)) for k in sorted({*earlier, *settings})
+                    if earlier.get(k) != settings.get(k)}
+            raise ValueError(f"{path} holds {n} rows written with other settings ("
+                             + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+                             + f"; see {side}); resuming would mix them: use another output file, or delete it "
+                             "to start over")
+
+    def _check_settings(self) -> None:
+        if self.settings is None:
+            return
+        self.check_settings(self.path, self.settings)
+        if not self.done or not self.settings_path.is_file():
+            from ..io_utils import write_json
+            write_json(self.settings_path, self.settings)
 
     def __enter__(self) -> "PredictionWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             self.done = done_ids(self.path)
             _, end = _complete_lines(self.path)
+            self._check_settings()
             if end != self.path.stat().st_size:
                 os.truncate(self.path, end)  # drop the partial line a kill left behind
+        else:
+            self._check_settings()
         self._fh = open(self.path, "a", encoding="utf-8")
         return self
 

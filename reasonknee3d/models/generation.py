@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -30,6 +30,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ..constants import (BOX_DECODINGS, BOX_END, BOX_START, COORD_TOKEN_FORMAT, DEFAULT_BOX_DECODING, DIAGNOSIS_PREFIX,
                          ENDOFTEXT, IM_END, LOCATION_PREFIX)
 from ..schema import QuestionSpec, get_question
+
+if TYPE_CHECKING:
+    from .grade_prior import GradePrior
 
 # Tokens a box needs after <|box_start|>: six coordinates and <|box_end|>.
 _BOX_TAIL = 7
@@ -221,11 +224,15 @@ class SeverityJSONLogitsProcessor(LogitsProcessor, _PromptTracker):
 def constrained_logits_processors(tokenizer: Any, question_ids: Sequence[int], max_new_tokens: int,
                                   num_bins: Optional[int] = None, severity: bool = True,
                                   require_box: bool | Sequence[bool] = False,
-                                  box_decoding: str = DEFAULT_BOX_DECODING) -> LogitsProcessorList:
+                                  box_decoding: str = DEFAULT_BOX_DECODING,
+                                  grade_prior: Optional["GradePrior"] = None) -> LogitsProcessorList:
     """The processors for one ``generate`` call: boxes (when the tokenizer has ``num_bins`` coordinate
     tokens; coordinates chosen as ``box_decoding`` says) and, if ``severity``, the schema-constrained diagnosis
-    tail."""
+    tail. A ``grade_prior`` with tau > 0 (``models.grade_prior``) goes first, so the constraints mask after it."""
     out = LogitsProcessorList()
+    if grade_prior is not None and grade_prior.tau > 0:
+        from .grade_prior import GradePriorLogitsProcessor
+        out.append(GradePriorLogitsProcessor(grade_prior, tokenizer, question_ids))
     coord_ids = None
     if num_bins is not None:
         tid = tokenizer.convert_tokens_to_ids
