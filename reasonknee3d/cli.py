@@ -372,6 +372,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         from .evaluation.classify import REFERENCE_BOXES, classify, is_region_grades_dir
         from .evaluation.predict import predict
+        if is_region_grades_dir(a.model) and a.grade_prior_tau:
+            raise ValueError(f"--grade-prior-tau is for a language model's decoding; {a.model} is a region_grades "
+                             "folder (the direct 3D classifier), which writes no wording to correct")
         if is_region_grades_dir(a.model):
             res = classify(a.model, a.data, a.split, a.out, boxes=a.boxes or REFERENCE_BOXES,
                            batch_size=a.batch_size, limit=a.limit, images=a.images, cache_dir=a.cache_dir)

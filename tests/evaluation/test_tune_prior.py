@@ -78,6 +78,12 @@ def test_the_cli_checks_tau_and_passes_it_to_predict(tmp_path: Path, monkeypatch
     assert "argument --grade-prior-tau: expected a finite number >= 0, got '-1'" in capsys.readouterr().err
     assert cli.main([*args, "--grade-prior-tau", "0.5", "--unconstrained"]) == 2
     assert "--grade-prior-tau needs constrained decoding" in capsys.readouterr().err
+    classifier = tmp_path / "rg"
+    (classifier / "encoder").mkdir(parents=True)
+    (classifier / "region_heads.json").write_text("{}")
+    (classifier / "encoder" / "config.json").write_text("{}")
+    assert cli.main(["predict", "--model", str(classifier), *args[3:], "--grade-prior-tau", "0.5"]) == 2
+    assert "--grade-prior-tau is for a language model's decoding" in capsys.readouterr().err
     seen = {}
 
     def fake(*a, **kw):
