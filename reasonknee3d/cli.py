@@ -42,28 +42,26 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (seconds)."""
+def _finite_float(text: str, minimum: float, strict: bool) -> float:
+    """A finite number above ``minimum`` (``strict``) or at least ``minimum``."""
     import math
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {minimum:g}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds)."""
+    return _finite_float(text, 0.0, strict=True)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (strengths such as --grade-prior-tau)."""
-    import math
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _finite_float(text, 0.0, strict=False)
 
 
 def question_id(text: str) -> int:

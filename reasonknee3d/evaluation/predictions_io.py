@@ -74,17 +74,21 @@ class PredictionWriter:
         return settings_path_for(self.path)
 
     @staticmethod
-    def check_settings(path: str | os.PathLike, settings: Optional[dict[str, Any]]) -> None:
+    def check_settings(path: str | os.PathLike, settings: Optional[dict[str, Any]],
+                       done: Optional[set[str]] = None) -> None:
         """Raise ``ValueError`` when ``path`` holds rows written with settings other than ``settings`` (nothing
-        is written; a writer's ``__enter__`` checks the same, so callers can fail before any expensive work)."""
+        is written; a writer's ``__enter__`` checks the same, so callers can fail before any expensive work).
+        ``done``: the file's sample ids when the caller has read them already."""
         path = Path(path)
         side = settings_path_for(path)
         if settings is None or not side.is_file() or not path.is_file():
             return
         settings = json.loads(json.dumps(settings))
         earlier = json.loads(side.read_text(encoding="utf-8"))
-        n = len(done_ids(path))
-        if n and earlier != settings:
+        if earlier == settings:
+            return
+        n = len(done if done is not None else done_ids(path))
+        if n:
             diff = {k: (earlier.get(k), settings.get(k)) for k in sorted({*earlier, *settings})
                     if earlier.get(k) != settings.get(k)}
             raise ValueError(f"{path} holds {n} rows written with other settings ("
@@ -95,7 +99,7 @@ class PredictionWriter:
     def _check_settings(self) -> None:
         if self.settings is None:
             return
-        self.check_settings(self.path, self.settings)
+        self.check_settings(self.path, self.settings, self.done)
         if not self.done or not self.settings_path.is_file():
             from ..io_utils import write_json
             write_json(self.settings_path, self.settings)
